@@ -1,0 +1,1 @@
+"""pydantic v2 event and domain models: the wire contract (SPEC §3)."""
