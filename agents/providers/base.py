@@ -1,0 +1,128 @@
+"""The provider interface every kind implements (SPEC §4 "Providers").
+
+A provider turns a :class:`ProviderRequest` into a :class:`ProviderResponse` or raises a
+:class:`ProviderError`. Both carry what the executor needs for its ``ProviderCallCompleted``
+and ``ProviderCallFailed`` events (models/events.py): model, latency in ms, token counts and
+cost in USD. Neither carries a verdict on the answer: only the validator decides whether an
+answer is right (SPEC §4).
+
+Real adapters (``openai``, ``anthropic``) and the ``replay`` kind implement the same
+:class:`Provider` base, so the executor never needs to know which kind it is calling.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+
+@dataclass(frozen=True)
+class ProviderRequest:
+    """One call to a provider.
+
+    ``prompt`` is the task text as submitted; for code tasks (``kind == "code"``) it is a
+    Python module prefix (signature and docstring) that the answer completes, and
+    ``entry_point`` names the function to define. ``task_type`` is the analyzer's feature
+    (e.g. ``"string"``, ``"math"``). ``attempt`` counts retries from 0.
+    ``max_output_tokens`` caps the answer length in tokens.
+    """
+
+    task_id: str
+    prompt: str
+    kind: Literal["code", "text"]
+    entry_point: str | None
+    task_type: str
+    attempt: int = 0
+    max_output_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class ProviderResponse:
+    """A successful call.
+
+    ``text``: for code tasks, a full module (prompt + completion) defining the entry point;
+    for text tasks, the answer. ``model`` is the model that answered (and is priced).
+    Tokens are counts, ``cost_usd`` is in US dollars, ``latency_ms`` in milliseconds.
+    """
+
+    text: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    latency_ms: float
+
+
+class ProviderError(Exception):
+    """A failed call, with what it still cost.
+
+    ``error_type`` is a short machine-readable tag (the ``error_type`` of
+    ``ProviderCallFailed``), ``http_status`` the HTTP status if there was one,
+    ``retry_after_s`` the server's Retry-After in seconds if it sent one. Latency in ms,
+    tokens as counts, ``cost_usd`` in USD (what the provider bills for the failed call).
+    """
+
+    error_type: ClassVar[str] = "provider_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int | None = None,
+        retry_after_s: float | None = None,
+        latency_ms: float = 0.0,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cost_usd: float = 0.0,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.http_status = http_status
+        self.retry_after_s = retry_after_s
+        self.latency_ms = latency_ms
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.cost_usd = cost_usd
+
+
+class RateLimited(ProviderError):
+    """HTTP 429: the provider asks us to back off for ``retry_after_s`` seconds."""
+
+    error_type: ClassVar[str] = "rate_limited"
+
+
+class ServerError(ProviderError):
+    """HTTP 5xx (500, 502, 503): the provider failed; a retry may succeed."""
+
+    error_type: ClassVar[str] = "server_error"
+
+
+class ProviderTimeout(ProviderError):
+    """No answer in time. ``http_status`` is None: there was no HTTP response."""
+
+    error_type: ClassVar[str] = "timeout"
+
+
+class Provider(ABC):
+    """A configured model endpoint.
+
+    ``id`` is the provider's name in the registry (the routing action), ``model`` the model
+    it calls and is priced as, ``kind`` the registry kind that built it (``"sim"``, later
+    ``"openai"``, ``"anthropic"``, ``"replay"``).
+    """
+
+    kind: ClassVar[str]
+    id: str
+    model: str
+
+    @abstractmethod
+    async def complete(self, request: ProviderRequest) -> ProviderResponse:
+        """Answer ``request``.
+
+        Raises :class:`RateLimited`, :class:`ServerError`, :class:`ProviderTimeout` or
+        another :class:`ProviderError` when the call fails.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, model={self.model!r})"
