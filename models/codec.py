@@ -54,7 +54,8 @@ def decode(value: bytes | None) -> Envelope:
         raise CodecError("not_json", str(exc)) from None
     if not isinstance(raw, dict):
         raise CodecError("not_object", f"expected a JSON object, got {type(raw).__name__}")
-    if raw.get("event_type") not in EVENT_TYPES:
+    event_type = raw.get("event_type")
+    if not isinstance(event_type, str) or event_type not in EVENT_TYPES:
         raise CodecError("unknown_event_type", f"event_type={raw.get('event_type')!r}")
     try:
         return _ADAPTER.validate_python(raw)
@@ -78,7 +79,8 @@ def _short(exc: ValidationError) -> str:
 
 def derive_event_id(causation_id: str, producer: str, attempt: int = 0, discriminator: str = "") -> str:
     """Deterministic id of a derived event: 32 hex chars of sha256 over its causes."""
-    h = hashlib.sha256(f"{causation_id}|{producer}|{attempt}|{discriminator}".encode())
+    # JSON, not a joined string: ("a|b", "c") and ("a", "b|c") must not collide
+    h = hashlib.sha256(orjson.dumps([causation_id, producer, attempt, discriminator]))
     return h.hexdigest()[:32]
 
 

@@ -57,10 +57,14 @@ class TaskFeatures(Frozen):
 
 
 class TaskAnalyzed(Frozen):
+    """The swarm's merged analysis. ``task`` carries the submitted task on (event-carried
+    state transfer), so later stages need no lookup."""
+
     task_id: str
     analyses: list[AnalyzerResult]
     features: TaskFeatures
     action_items: list[str]
+    task: TaskSubmitted | None = None
 
 
 class ProviderSelected(Frozen):
@@ -128,9 +132,11 @@ class TaskExecuted(Frozen):
     agreement: float = Field(ge=0.0, le=1.0)
     cost_usd: float = Field(ge=0)
     tokens: int = Field(ge=0)
+    kind: Literal["code", "text"] = "code"
     entry_point: str | None = None
     test: str | None = None
     prompt: str = ""
+    time_limit_ms: float = 5000.0
 
 
 class ValidationLevel(Frozen):
@@ -174,10 +180,13 @@ class RewardComputed(Frozen):
     state: str
     action: str
     next_state: str
-    performance: float
-    cost_usd: float
+    performance: float = Field(ge=0.0, le=1.0)
+    cost_usd: float = Field(ge=0)
     cost_weight: float
     reward: float
+    passed: bool
+    provider: str | None
+    tokens: int = Field(ge=0)
 
 
 class TaskCompleted(Frozen):
