@@ -1,0 +1,57 @@
+"""Learning stage (SPEC §4): TaskValidated -> RewardComputed; the Q-table consumer applies
+rewards in the rewards topic's total order and emits TaskCompleted.
+
+reward = performance - cost_usd * cost_weight, performance 1.0 when every test passes, else
+the passed fraction (Fractal-RMO learning subsystem; Grokputer diagram 4).
+"""
+
+from __future__ import annotations
+
+from agents import qlearning
+from models.codec import make_event
+from models.events import Envelope, RewardComputed, TaskValidated
+from streams.config import Settings
+from streams.projections import CountersProjection, QTableProjection, TaskStatusProjection
+from streams.stage import Consumer, Tx
+
+
+def performance(v: TaskValidated) -> float:
+    """1.0 when validation passed, else tests_passed / tests_total (0.0 without tests)."""
+    if v.passed:
+        return 1.0
+    return v.tests_passed / v.tests_total if v.tests_total else 0.0
+
+
+def reward(perf: float, cost_usd: float, cost_weight: float) -> float:
+    """performance - cost * weight (Grokputer: ``Reward: (performance - cost * weight)``)."""
+    return perf - cost_usd * cost_weight
+
+
+class RewardStage(Consumer):
+    name = "learning"
+    source = "validations"
+    handles = frozenset({"TaskValidated"})
+    projections = (TaskStatusProjection(), CountersProjection())
+
+    def __init__(self, settings: Settings) -> None:
+        self.cost_weight = settings.cost_weight
+
+    async def handle(self, event: Envelope, tx: Tx) -> None:
+        v: TaskValidated = event.payload
+        perf = performance(v)
+        r = RewardComputed(task_id=v.task_id, state=v.state, action=v.action,
+                           next_state=qlearning.next_state(v.state, v.provider),
+                           performance=perf, cost_usd=v.cost_usd, cost_weight=self.cost_weight,
+                           reward=reward(perf, v.cost_usd, self.cost_weight), passed=v.passed,
+                           provider=v.provider, tokens=v.tokens)
+        tx.emit("rewards", make_event(r, producer="learning.reward", cause=event), key="qtable")
+
+
+class QTableConsumer(Consumer):
+    """Projection-only consumer of the rewards topic (see QTableProjection)."""
+
+    name = "learning.qtable"
+    source = "rewards"
+
+    def __init__(self, settings: Settings, config: qlearning.QConfig) -> None:
+        self.projections = (QTableProjection(config),)

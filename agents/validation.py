@@ -1,0 +1,593 @@
+"""The validator's levels (SPEC §4 "Validator"; Fractal-RMO seed levels 1-5).
+
+A candidate program goes through, in this fixed order and stopping at the first failure:
+
+1. ``syntax`` -- ``compile()`` in-process (parsing never executes the code).
+2. ``static`` -- ruff with rules for real errors only (:data:`RUFF_SELECT`: undefined names,
+   redefinitions, invalid comparisons, statements outside their context), never style.
+3. ``security`` -- bandit; findings at or above ``bandit_severity`` (HIGH, per SPEC) fail.
+4. ``tests`` -- the task's HumanEval-style ``check(candidate)`` run in the sandbox
+   (:mod:`agents.sandbox`), each assert counted separately.
+5. ``performance`` -- the wall and CPU time of that same test run against the request's
+   ``time_limit_ms``.
+
+Work is batched for speed: ruff and bandit each run once per :func:`validate_batch` call
+over a temp dir holding one file per request, and the test runs share a semaphore of
+``max_concurrency`` sandboxes.
+
+Failure categories (``models.events.ErrorCategory``): SyntaxError -> SYNTAX; ruff finding
+-> LOGIC; bandit finding -> SECURITY; failed assert -> LOGIC; exception -> RUNTIME; wall
+timeout or CPU limit -> TIMEOUT; over the time limit -> PERFORMANCE.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import string
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+from agents.sandbox import SandboxMode, SandboxResult, arun_python, default_mode
+from models.events import ErrorCategory, ValidationLevel
+
+#: The levels in the order they run (SPEC §4).
+LEVELS: tuple[str, ...] = ("syntax", "static", "security", "tests", "performance")
+#: ruff rules that flag code that is wrong, not merely unidiomatic: syntax errors (E9),
+#: invalid comparisons such as ``is`` with a literal (F63), statements outside their
+#: context (F7), undefined/redefined names (F82x, F811).
+RUFF_SELECT: tuple[str, ...] = ("F821", "F811", "F823", "E9", "F63", "F7", "F82")
+#: bandit tests skipped by default. B324 (md5/sha1 "for security") is about cryptographic
+#: misuse, not about what the program does to the host, and a task may ask for MD5
+#: (HumanEval/162's canonical solution is flagged HIGH otherwise).
+BANDIT_SKIP: tuple[str, ...] = ("B324",)
+#: At most this many findings of one level are reported as failures (the first ones).
+MAX_FAILURES_PER_LEVEL = 5
+#: Wall-clock limit for one ruff or bandit run over a whole batch, in seconds.
+_TOOL_TIMEOUT_S = 300.0
+_SEVERITY_RANK = {"LOW": 1, "MEDIUM": 2, "HIGH": 3}
+#: Name under which the instrumented test reports each assert's outcome (see _HARNESS).
+_RECORDER = "__rmo_record"
+_MESSAGE_CAP = 500
+
+Severity = Literal["LOW", "MEDIUM", "HIGH"]
+SandboxSetting = Literal["bwrap", "subprocess", "auto", "off"]
+
+
+class ValidatorToolError(RuntimeError):
+    """ruff or bandit could not check the batch (crashed, timed out, unreadable output)."""
+
+
+@dataclass(frozen=True)
+class ValidationRequest:
+    """One candidate to validate.
+
+    ``key``: the caller's id (task id), echoed in the outcome. ``code``: the full candidate
+    module (for HumanEval, prompt + completion, defining ``entry_point``). ``test``:
+    HumanEval-style source defining ``check(candidate)``; ``None`` means no tests.
+    ``time_limit_ms``: the performance level's budget for the test run's wall and CPU time.
+    ``kind``: ``"text"`` answers are not programs: only the tests level is recorded, passed
+    with "no tests" (an addition to the brief's fields, defaulting to ``"code"``).
+    """
+
+    key: str
+    code: str
+    entry_point: str | None
+    test: str | None
+    time_limit_ms: float = 5000.0
+    kind: Literal["code", "text"] = "code"
+
+
+@dataclass(frozen=True)
+class ValidationFailure:
+    """Why a level failed: ``category`` for ``ErrorLogged``, ``error_type`` such as
+    ``"SyntaxError"``, ``"AssertionError"``, ``"ruff:F821"``, ``"bandit:B602"``, ``"Timeout"``,
+    and a human-readable ``message`` (with the line, where one is known)."""
+
+    category: ErrorCategory
+    error_type: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ValidationOutcome:
+    """The validator's verdict on one request.
+
+    ``levels``: only the levels that ran, in order; the last failed unless all passed.
+    ``tests_passed``/``tests_total``: counted asserts of ``check`` (0/0 without tests).
+    ``duration_ms``: wall time from the start of the batch until this request's verdict,
+    in ms (batched work is shared, so per-request cost is not separable).
+    ``failures``: the failing level's failures (at most :data:`MAX_FAILURES_PER_LEVEL`).
+    """
+
+    key: str
+    levels: list[ValidationLevel]
+    passed: bool
+    tests_passed: int
+    tests_total: int
+    duration_ms: float
+    failures: list[ValidationFailure]
+
+
+@dataclass(frozen=True)
+class ValidatorConfig:
+    """Which levels run and how the tests are sandboxed.
+
+    ``levels``: names from :data:`LEVELS` to run (they always run in :data:`LEVELS` order).
+    ``sandbox``: ``"bwrap"`` | ``"subprocess"`` (reduced isolation, warned) | ``"auto"``
+    (:func:`agents.sandbox.default_mode`) | ``"off"`` (skips tests and performance, for
+    benchmarks). ``timeout_s``: wall timeout per test run in s; ``cpu_s``: RLIMIT_CPU in s;
+    ``memory_mb``: RLIMIT_AS in MiB; ``max_concurrency``: sandboxes in flight.
+    ``ruff_select``: the static level's ruff rules. ``bandit_severity``: the lowest bandit
+    severity that fails the security level (SPEC: HIGH); ``bandit_skip``: bandit test ids
+    not run (:data:`BANDIT_SKIP`). Raises ``ValueError`` on an
+    unknown level, sandbox or severity.
+    """
+
+    levels: tuple[str, ...] = LEVELS
+    sandbox: SandboxSetting = "bwrap"
+    timeout_s: float = 10.0
+    cpu_s: int = 10
+    memory_mb: int = 512
+    max_concurrency: int = 4
+    ruff_select: tuple[str, ...] = RUFF_SELECT
+    bandit_severity: Severity = "HIGH"
+    bandit_skip: tuple[str, ...] = BANDIT_SKIP
+
+    def __post_init__(self) -> None:
+        unknown = set(self.levels) - set(LEVELS)
+        if unknown:
+            raise ValueError(f"unknown validation levels {sorted(unknown)}; known: {LEVELS}")
+        if self.sandbox not in get_args(SandboxSetting):
+            raise ValueError(f"unknown sandbox {self.sandbox!r}")
+        if self.bandit_severity not in _SEVERITY_RANK:
+            raise ValueError(f"unknown bandit severity {self.bandit_severity!r}")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+
+
+@dataclass
+class _Progress:
+    """Mutable per-request state while the batch moves through the levels."""
+
+    request: ValidationRequest
+    levels: list[ValidationLevel] = field(default_factory=list)
+    failures: list[ValidationFailure] = field(default_factory=list)
+    tests_passed: int = 0
+    tests_total: int = 0
+    done_at: float | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.done_at is None
+
+    def passed_level(self, level: str, details: str = "") -> None:
+        self.levels.append(ValidationLevel(level=level, passed=True, details=details))
+
+    def failed_level(self, level: str, details: str, failures: list[ValidationFailure]) -> None:
+        self.levels.append(ValidationLevel(level=level, passed=False, details=details))
+        self.failures = failures[:MAX_FAILURES_PER_LEVEL]
+        self.done_at = time.perf_counter()
+
+
+async def validate_batch(
+    requests: list[ValidationRequest], config: ValidatorConfig
+) -> list[ValidationOutcome]:
+    """Validate every request through the configured levels; outcomes in request order.
+
+    Raises :class:`ValidatorToolError` if ruff or bandit cannot check the batch and
+    :class:`agents.sandbox.SandboxUnavailable` if the configured sandbox cannot run. A
+    candidate that fails, crashes or hangs is never an error: it is a failed outcome.
+    """
+    started = time.perf_counter()
+    progress = [_Progress(r) for r in requests]
+    enabled = set(config.levels)
+    code_tasks = [p for p in progress if p.request.kind == "code"]
+
+    if "syntax" in enabled:
+        for p in code_tasks:
+            _check_syntax(p)
+    await _check_static_and_security([p for p in code_tasks if p.alive], enabled, config)
+    await _check_tests_and_performance([p for p in progress if p.alive], enabled, config)
+
+    finished = time.perf_counter()
+    return [
+        ValidationOutcome(
+            key=p.request.key,
+            levels=p.levels,
+            passed=not p.failures,
+            tests_passed=p.tests_passed,
+            tests_total=p.tests_total,
+            duration_ms=((p.done_at or finished) - started) * 1000.0,
+            failures=p.failures,
+        )
+        for p in progress
+    ]
+
+
+# --------------------------------------------------------------------------- syntax
+
+
+def _check_syntax(p: _Progress) -> None:
+    try:
+        compile(p.request.code, "<candidate>", "exec", dont_inherit=True)
+    except SyntaxError as exc:  # includes IndentationError and TabError
+        message = f"line {exc.lineno}: {exc.msg}" if exc.lineno else exc.msg
+        p.failed_level("syntax", message, [_failure("SYNTAX", type(exc).__name__, message)])
+    except (ValueError, RecursionError, MemoryError) as exc:
+        # Null bytes (ValueError) or nesting too deep for the parser: not a valid program.
+        message = str(exc) or type(exc).__name__
+        p.failed_level("syntax", message, [_failure("SYNTAX", type(exc).__name__, message)])
+    else:
+        p.passed_level("syntax")
+
+
+# --------------------------------------------------------------------------- static, security
+
+
+async def _check_static_and_security(
+    tasks: list[_Progress], enabled: set[str], config: ValidatorConfig
+) -> None:
+    """One ruff and one bandit run over a temp dir holding ``<index>.py`` per task."""
+    run_static = "static" in enabled
+    run_security = "security" in enabled
+    if not tasks or not (run_static or run_security):
+        return
+    with tempfile.TemporaryDirectory(prefix="rmo-validate-") as tmp:
+        root = Path(tmp)
+        for index, p in enumerate(tasks):
+            (root / f"{index}.py").write_text(p.request.code, encoding="utf-8")
+        # Both tools only parse the code, so they run concurrently; bandit's verdict on a
+        # task that fails static is simply never recorded (stop at first failure).
+        static_findings, security_findings = await asyncio.gather(
+            _ruff(root, config.ruff_select) if run_static else _no_findings(),
+            _bandit(root, config.bandit_severity, config.bandit_skip)
+            if run_security else _no_findings(),
+        )
+    for index, p in enumerate(tasks):
+        if run_static:
+            found = static_findings.get(index, [])
+            if found:
+                p.failed_level("static", f"{len(found)} ruff finding(s)", found)
+                continue
+            p.passed_level("static", f"ruff {','.join(config.ruff_select)}")
+        if run_security:
+            found = security_findings.get(index, [])
+            if found:
+                p.failed_level("security", f"{len(found)} bandit finding(s)", found)
+                continue
+            p.passed_level("security", f"bandit: nothing at or above {config.bandit_severity}")
+
+
+async def _no_findings() -> dict[int, list[ValidationFailure]]:
+    return {}
+
+
+async def _ruff(root: Path, select: tuple[str, ...]) -> dict[int, list[ValidationFailure]]:
+    """ruff findings by file index. ``--isolated`` ignores any project config and
+    ``--ignore-noqa`` stops a candidate from silencing a finding with a comment."""
+    stdout = await _run_tool(
+        "ruff",
+        ["check", "--isolated", "--no-cache", "--ignore-noqa", "--output-format", "json",
+         # The sandbox's Python: syntax newer than ruff's default target is not an error.
+         "--target-version", f"py{sys.version_info.major}{sys.version_info.minor}",
+         "--select", ",".join(select), str(root)],
+    )
+    findings: dict[int, list[ValidationFailure]] = {}
+    for item in _load_json(stdout, "ruff"):
+        row = item.get("location", {}).get("row")
+        message = f"line {row}: {item['message']}"
+        code = item.get("code") or "invalid-syntax"  # parse errors carry no rule code
+        findings.setdefault(int(Path(item["filename"]).stem), []).append(
+            _failure("LOGIC", f"ruff:{code}", message)
+        )
+    return findings
+
+
+async def _bandit(
+    root: Path, severity: Severity, skip: tuple[str, ...]
+) -> dict[int, list[ValidationFailure]]:
+    """bandit findings at or above ``severity`` by file index, tests in ``skip`` not run.
+    ``--ignore-nosec`` stops a candidate from silencing a finding with a ``# nosec``."""
+    args = ["-r", "-q", "-f", "json", "--ignore-nosec", str(root)]
+    if skip:
+        args += ["--skip", ",".join(skip)]
+    stdout = await _run_tool("bandit", args)
+    report = _load_json(stdout, "bandit")
+    floor = _SEVERITY_RANK[severity]
+    findings: dict[int, list[ValidationFailure]] = {}
+    for item in report.get("results", []):
+        if _SEVERITY_RANK.get(item["issue_severity"], 0) < floor:
+            continue
+        message = (f"line {item['line_number']}: {item['issue_text']} "
+                   f"(severity {item['issue_severity']}, confidence {item['issue_confidence']})")
+        findings.setdefault(int(Path(item["filename"]).stem), []).append(
+            _failure("SECURITY", f"bandit:{item['test_id']}", message)
+        )
+    for item in report.get("errors", []):
+        # A file bandit could not scan fails closed rather than passing unchecked.
+        findings.setdefault(int(Path(item["filename"]).stem), []).append(
+            _failure("SECURITY", "bandit:ScanError", str(item.get("reason", "")))
+        )
+    return findings
+
+
+async def _run_tool(module: str, args: list[str]) -> str:
+    """Run ``python -m <module> <args>`` and return its stdout.
+
+    Exit status 0 and 1 both mean "checked" (1: findings). Raises
+    :class:`ValidatorToolError` on any other status or after :data:`_TOOL_TIMEOUT_S` s.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), _TOOL_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise ValidatorToolError(f"{module} timed out after {_TOOL_TIMEOUT_S} s") from None
+    if proc.returncode not in (0, 1):
+        raise ValidatorToolError(
+            f"{module} exited with status {proc.returncode}: {stderr.decode()[-_MESSAGE_CAP:]}"
+        )
+    return stdout.decode("utf-8", errors="replace")
+
+
+def _load_json(text: str, tool: str) -> dict | list:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidatorToolError(f"{tool} printed unreadable JSON: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- tests, performance
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One counted test: a top-level statement of ``check`` that contains an assert."""
+
+    lineno: int
+    source: str
+
+
+@dataclass(frozen=True)
+class _InstrumentedTest:
+    source: str
+    units: list[_Unit]
+
+
+class _InvalidTestError(ValueError):
+    """The task's test cannot be instrumented: unparsable or without ``check``."""
+
+
+def _instrument_test(test: str) -> _InstrumentedTest:
+    """Rewrite a HumanEval test so each assert in ``check`` is guarded and reported.
+
+    Every top-level statement of ``check`` that contains an ``assert`` (a bare assert, or a
+    loop or block of asserts) becomes one counted unit, wrapped in ``try`` so a failure is
+    recorded and the next unit still runs. ``assert True`` placeholders (constant tests,
+    48 of them in HumanEval) are not tests of the candidate and are not counted. A ``check``
+    without any counted assert is one unit as a whole. Other statements (imports, setup)
+    run unguarded: an exception there ends the run as a RUNTIME error.
+
+    Raises :class:`_InvalidTestError` if the test does not parse or defines no ``check``.
+    """
+    try:
+        tree = ast.parse(test)
+    except (SyntaxError, ValueError) as exc:
+        raise _InvalidTestError(f"test does not parse: {exc}") from exc
+    checks = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"]
+    if not checks:
+        raise _InvalidTestError("test defines no check(candidate) function")
+    check = checks[-1]  # the last definition is the one Python binds
+    units: list[_Unit] = []
+    for position, stmt in enumerate(check.body):
+        if _is_test_statement(stmt):
+            units.append(_Unit(stmt.lineno, (ast.get_source_segment(test, stmt) or "")[:200]))
+            check.body[position] = _guard([stmt], len(units) - 1)
+    if not units:
+        units.append(_Unit(check.lineno, "check(candidate) as a whole"))
+        check.body = [_guard(check.body, 0)]
+    return _InstrumentedTest(ast.unparse(ast.fix_missing_locations(tree)), units)
+
+
+def _is_test_statement(stmt: ast.stmt) -> bool:
+    if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return False
+    if isinstance(stmt, ast.Assert):
+        return not isinstance(stmt.test, ast.Constant)
+    return any(isinstance(node, ast.Assert) for node in ast.walk(stmt))
+
+
+def _guard(body: list[ast.stmt], unit: int) -> ast.Try:
+    """``try: <body> except BaseException as e: record(unit, e) else: record(unit, None)``."""
+
+    def record(outcome: ast.expr) -> ast.stmt:
+        call = ast.Call(ast.Name(_RECORDER, ast.Load()), [ast.Constant(unit), outcome], [])
+        return ast.Expr(call)
+
+    handler = ast.ExceptHandler(
+        type=ast.Name("BaseException", ast.Load()),
+        name="__rmo_exc",
+        body=[record(ast.Name("__rmo_exc", ast.Load()))],
+    )
+    return ast.Try(body=body, handlers=[handler], orelse=[record(ast.Constant(None))],
+                   finalbody=[])
+
+
+# The script run in the sandbox. Result lines (JSON) go to a private duplicate of stdout;
+# fd 1 is then pointed at stderr, so whatever the candidate prints cannot be mistaken for a
+# result. The candidate and the test share one namespace, as in HumanEval's own harness
+# (tests may call helpers defined by the prompt). ``__name__`` is not "__main__", so a
+# candidate's ``if __name__ == "__main__":`` block (often reading input()) does not run.
+_HARNESS = string.Template("""\
+import json as _json, os as _os
+
+_results = _os.fdopen(_os.dup(1), "w", buffering=1)
+_os.dup2(2, 1)
+
+
+def _emit(**fields):
+    _results.write(_json.dumps(fields) + "\\n")
+
+
+def _describe(exc):
+    return [type(exc).__name__, str(exc)[:$cap]]
+
+
+def _record(unit, exc):
+    _emit(unit=unit, ok=exc is None, error=None if exc is None else _describe(exc))
+
+
+_ns = {"__name__": "__candidate__", $recorder: _record}
+_stage = "candidate"
+try:
+    exec(compile($code, "<candidate>", "exec"), _ns)
+    _stage = "test"
+    exec(compile($test, "<test>", "exec"), _ns)
+    _stage = "entry_point"
+    if $entry_point not in _ns:
+        raise NameError("entry point %r is not defined" % $entry_point)
+    _stage = "check"
+    _ns["check"](_ns[$entry_point])
+except BaseException as _exc:
+    _emit(fatal=_describe(_exc), stage=_stage)
+else:
+    _emit(done=True)
+""")
+
+
+async def _check_tests_and_performance(
+    tasks: list[_Progress], enabled: set[str], config: ValidatorConfig
+) -> None:
+    run_tests = "tests" in enabled
+    run_performance = "performance" in enabled
+    with_tests = []
+    for p in tasks:
+        if p.request.kind == "code" and p.request.test:
+            with_tests.append(p)
+        elif run_tests:
+            p.passed_level("tests", "no tests")
+    if not with_tests or config.sandbox == "off" or not (run_tests or run_performance):
+        return
+    mode: SandboxMode = default_mode() if config.sandbox == "auto" else config.sandbox
+    semaphore = asyncio.Semaphore(config.max_concurrency)
+
+    async def one(p: _Progress) -> None:
+        request = p.request
+        assert request.test is not None  # only requests with tests reach here
+        try:
+            instrumented = _instrument_test(request.test)
+        except _InvalidTestError as exc:
+            p.failed_level("tests", str(exc), [_failure("RUNTIME", "InvalidTest", str(exc))])
+            return
+        script = _HARNESS.substitute(
+            code=repr(request.code),
+            test=repr(instrumented.source),
+            entry_point=repr(request.entry_point or ""),
+            recorder=repr(_RECORDER),
+            cap=_MESSAGE_CAP,
+        )
+        async with semaphore:
+            result = await arun_python(script, timeout_s=config.timeout_s, cpu_s=config.cpu_s,
+                                       memory_mb=config.memory_mb, mode=mode)
+        p.tests_total = len(instrumented.units)
+        if run_tests:
+            _judge_tests(p, instrumented.units, result)
+        if run_performance and p.alive:
+            _judge_performance(p, result)
+
+    await asyncio.gather(*(one(p) for p in with_tests))
+
+
+def _judge_tests(p: _Progress, units: list[_Unit], result: SandboxResult) -> None:
+    """Record the tests level from the harness's result lines and the run's fate."""
+    outcomes: dict[int, list[str] | None] = {}
+    terminal: dict | None = None
+    for line in result.stdout.splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # e.g. the truncation marker of a huge output
+        if not isinstance(event, dict):
+            continue
+        if "unit" in event and isinstance(event["unit"], int) and 0 <= event["unit"] < len(units):
+            outcomes[event["unit"]] = None if event.get("ok") else event.get("error")
+        elif "done" in event or "fatal" in event:
+            terminal = event
+    p.tests_passed = sum(1 for error in outcomes.values() if error is None)
+    details = f"{p.tests_passed}/{len(units)} asserts passed"
+
+    failure: ValidationFailure | None = None
+    if result.timed_out:
+        what = "wall timeout" if result.returncode is None else "CPU time limit"
+        failure = _failure("TIMEOUT", "Timeout",
+                           f"killed by the {what} after {result.wall_ms:.0f} ms wall, "
+                           f"{result.cpu_ms:.0f} ms CPU; {details}")
+    elif terminal is None:
+        # No final line: the process died outright (os._exit, signal, interpreter crash).
+        error_type = "MemoryError" if result.memory_exceeded else (
+            f"Signal{result.signal}" if result.signal else "NoResult")
+        failure = _failure("RUNTIME", error_type,
+                           f"test run ended without a result (status {result.returncode}): "
+                           f"{result.stderr.strip()[-_MESSAGE_CAP:]}")
+    elif "fatal" in terminal:
+        error_type, message = _pair(terminal.get("fatal"))
+        where = {"candidate": "while loading the candidate", "test": "while loading the test",
+                 "entry_point": "looking up the entry point",
+                 "check": "in check() outside the asserts"}.get(terminal.get("stage"), "")
+        failure = _failure("RUNTIME", error_type, f"{where}: {message}")
+    else:
+        for index, unit in enumerate(units):
+            if index not in outcomes:
+                failure = _failure("RUNTIME", "NotRun", f"assert at test line {unit.lineno} "
+                                   "did not report")
+                break
+            error = outcomes[index]
+            if error is not None:
+                error_type, message = _pair(error)
+                category: ErrorCategory = "LOGIC" if error_type == "AssertionError" else "RUNTIME"
+                failure = _failure(category, error_type,
+                                   f"test line {unit.lineno}: {unit.source}"
+                                   + (f" -> {message}" if message else ""))
+                break
+    if failure is None:
+        p.passed_level("tests", details)
+    else:
+        p.failed_level("tests", details, [failure])
+
+
+def _judge_performance(p: _Progress, result: SandboxResult) -> None:
+    """Wall and CPU time of the test run (sandbox start-up included) against the limit."""
+    limit = p.request.time_limit_ms
+    details = f"wall {result.wall_ms:.1f} ms, cpu {result.cpu_ms:.1f} ms, limit {limit:.0f} ms"
+    if result.timed_out:
+        # Only reached when the tests level is off: the run never finished.
+        p.failed_level("performance", details,
+                       [_failure("TIMEOUT", "Timeout", f"killed after {details}")])
+    elif result.wall_ms > limit or result.cpu_ms > limit:
+        p.failed_level("performance", details,
+                       [_failure("PERFORMANCE", "TimeLimitExceeded", details)])
+    else:
+        p.passed_level("performance", details)
+
+
+def _pair(value: object) -> tuple[str, str]:
+    """The harness's ``[type name, message]`` pair, tolerating anything malformed."""
+    if isinstance(value, list) and len(value) == 2:
+        return str(value[0]), str(value[1])
+    return "UnknownError", str(value)[:_MESSAGE_CAP]
+
+
+def _failure(category: ErrorCategory, error_type: str, message: str) -> ValidationFailure:
+    return ValidationFailure(category, error_type, message[:_MESSAGE_CAP])

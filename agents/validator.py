@@ -1,0 +1,60 @@
+"""Validator stage: TaskExecuted -> levels syntax, static, security, tests (sandbox),
+performance -> TaskValidated, plus one ErrorLogged per failure (SPEC §4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agents.validation import ValidationOutcome, ValidationRequest, ValidatorConfig, validate_batch
+from models.codec import make_event
+from models.events import Envelope, ErrorLogged, TaskExecuted, TaskValidated, ValidationLevel
+from streams.config import Settings
+from streams.projections import CountersProjection, TaskStatusProjection
+from streams.stage import Consumer, Tx
+
+
+class ValidatorStage(Consumer):
+    """Validates a whole batch at once: ruff and bandit run once per batch, test runs go to
+    the sandbox concurrently (``validator_concurrency``)."""
+
+    name = "validator"
+    source = "executions"
+    handles = frozenset({"TaskExecuted"})
+    projections = (TaskStatusProjection(), CountersProjection())
+
+    def __init__(self, settings: Settings) -> None:
+        self.config = ValidatorConfig(levels=tuple(settings.validator_levels), sandbox=settings.sandbox,
+                                      max_concurrency=settings.validator_concurrency)
+
+    async def process(self, events: Sequence[Envelope], tx: Tx) -> None:
+        runnable = [e for e in events if e.payload.chosen_text is not None]
+        requests = [ValidationRequest(key=e.event_id, code=e.payload.chosen_text,
+                                      entry_point=e.payload.entry_point, test=e.payload.test,
+                                      kind=e.payload.kind,
+                                      time_limit_ms=e.payload.time_limit_ms)
+                    for e in runnable]
+        outcomes = {o.key: o for o in await validate_batch(requests, self.config)} if requests else {}
+        for e in events:
+            outcome = outcomes.get(e.event_id)
+            self._emit(e, outcome, tx)
+
+    def _emit(self, e: Envelope, outcome: ValidationOutcome | None, tx: Tx) -> None:
+        x: TaskExecuted = e.payload
+        if outcome is None:
+            levels = [ValidationLevel(level="provider", passed=False, details="no candidate answer")]
+            failures = [("PROVIDER", "NoCandidate", "every provider call failed or was refused")]
+            passed, tp, tt, dur = False, 0, 0, 0.0
+        else:
+            levels, passed = outcome.levels, outcome.passed
+            tp, tt, dur = outcome.tests_passed, outcome.tests_total, outcome.duration_ms
+            failures = [(f.category, f.error_type, f.message) for f in outcome.failures]
+        validated = TaskValidated(task_id=x.task_id, levels=levels, passed=passed, tests_passed=tp,
+                                  tests_total=tt, duration_ms=dur, state=x.state, action=x.action,
+                                  provider=x.chosen, cost_usd=x.cost_usd, tokens=x.tokens)
+        tx.emit("validations", make_event(validated, producer="validator", cause=e))
+        for i, (category, error_type, message) in enumerate(failures):
+            err = ErrorLogged(category=category, error_type=error_type, message=message[:2000],
+                              agent_id="validator", task_id=x.task_id,
+                              context={"provider": x.chosen, "action": x.action})
+            tx.emit("errors", make_event(err, producer="validator", cause=e, attempt=i,
+                                         discriminator="error"))

@@ -1,0 +1,124 @@
+"""Producing and reading topics with plain aiokafka: what the CLI, replay and tests use.
+
+"Caught up" is decided from the high watermark that fetch responses carry, never from
+``end_offsets()`` (ListOffsets LATEST under-reports on Tansu; SPEC §2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from models.codec import encode
+from models.events import Envelope
+from streams.stage import Record
+
+
+class EventProducer:
+    """An aiokafka producer speaking envelopes; use as ``async with EventProducer(...)``."""
+
+    def __init__(self, bootstrap: str, **kwargs) -> None:
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
+                                          max_batch_size=1 << 20, **kwargs)
+
+    async def __aenter__(self) -> EventProducer:
+        await self._producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._producer.stop()
+
+    async def send(self, topic: str, key: bytes | None, value: bytes):
+        """Buffer one record; returns a future resolving to its RecordMetadata (the ack)."""
+        return await self._producer.send(topic, value=value, key=key)
+
+    async def send_events(self, topic: str, events: Iterable[Envelope],
+                          key: str | None = None) -> list:
+        """Produce envelopes keyed by ``key`` or each one's correlation id; wait for every ack.
+        Returns the RecordMetadata list (partition, offset) in input order."""
+        futs = [await self.send(topic, (key or e.correlation_id).encode(), encode(e)) for e in events]
+        return list(await asyncio.gather(*futs))
+
+
+async def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None = None,
+                     follow: bool = False, idle_timeout_s: float = 30.0) -> AsyncIterator[Record]:
+    """Yield every record of ``topic`` from the beginning (or per-partition ``start`` offsets).
+
+    Without ``follow`` it stops once every partition's position reached the high watermark
+    seen in a fetch response. Raises TimeoutError when a partition reports no high watermark
+    within ``idle_timeout_s``.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                group_id=None, auto_offset_reset="earliest",
+                                fetch_max_wait_ms=100)
+    await consumer.start()
+    try:
+        partitions = await _partitions(consumer, topic)
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        for tp in tps:
+            if start and tp.partition in start:
+                consumer.seek(tp, start[tp.partition])
+            else:
+                await consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + idle_timeout_s
+        while True:
+            batch = await consumer.getmany(timeout_ms=200, max_records=5000)
+            for tp, msgs in batch.items():
+                for m in msgs:
+                    yield Record(m.topic, m.partition, m.offset, m.key, m.value)
+            if follow:
+                continue
+            if await _caught_up(consumer, tps):
+                return
+            if batch:
+                deadline = time.monotonic() + idle_timeout_s
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: no high watermark within {idle_timeout_s} s")
+    finally:
+        await consumer.stop()
+
+
+async def high_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
+    """partition -> high watermark, from a fetch response (consumes nothing durable)."""
+    hw: dict[int, int] = {}
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                                fetch_max_wait_ms=50, max_partition_fetch_bytes=1)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
+        consumer.assign(tps)
+        for tp in tps:
+            await consumer.seek_to_beginning(tp)
+        for _ in range(100):
+            await consumer.getmany(timeout_ms=100, max_records=1)
+            for tp in tps:
+                h = consumer.highwater(tp)
+                if h is not None:
+                    hw[tp.partition] = h
+            if len(hw) == len(tps):
+                return hw
+        raise TimeoutError(f"{topic}: no high watermark reported")
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> Sequence[int]:
+    for _ in range(50):
+        parts = consumer.partitions_for_topic(topic)
+        if parts:
+            return sorted(parts)
+        await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public refresh
+        await asyncio.sleep(0.1)
+    raise LookupError(f"topic {topic} does not exist: run `rmo topics create`")
+
+
+async def _caught_up(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition]) -> bool:
+    for tp in tps:
+        hw = consumer.highwater(tp)
+        if hw is None or await consumer.position(tp) < hw:
+            return False
+    return True

@@ -1,0 +1,64 @@
+"""Runtime settings, read from the environment (prefix ``RMO_``) by pydantic-settings.
+
+Service addresses keep their conventional names: ``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of a worker or CLI run. Defaults are the seeds' numbers (SPEC §7)."""
+
+    model_config = SettingsConfigDict(env_prefix="RMO_", extra="ignore", frozen=True)
+
+    namespace: str = Field(default="rmo", pattern=r"^[A-Za-z0-9_.-]+$")
+    kafka_bootstrap_servers: str | None = Field(
+        default=None, validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "RMO_KAFKA")
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "RMO_REDIS_URL")
+    )
+    topics_file: Path | None = None
+    providers_file: Path | None = None
+    seed: int = 0
+
+    # Kafka consumer tuning. Tansu's first JoinGroup waits session_timeout/2 (SPEC §2).
+    session_timeout_s: float = 6.0
+    batch_max: int = 500
+    batch_within_s: float = 0.02
+
+    # executor (SPEC §4)
+    provider_timeout_s: float = 30.0
+    strategies: tuple[str, ...] = ("single", "majority")
+    breaker_failure_threshold: int = 5
+    breaker_open_timeout_s: float = 60.0
+    breaker_success_threshold: int = 2
+    breaker_half_open_max_calls: int = 2
+
+    # validator
+    sandbox: str = Field(default="bwrap", pattern=r"^(bwrap|subprocess|auto|off)$")
+    validator_levels: tuple[str, ...] = ("syntax", "static", "security", "tests", "performance")
+    validator_concurrency: int = 4
+
+    # learning (Grokputer diagram 4: epsilon 0.970, replay of the latest 1000)
+    epsilon_start: float = 0.97
+    epsilon_min: float = 0.05
+    epsilon_decay: float = 0.99
+    learning_rate: float = 0.1
+    discount: float = 0.1
+    cost_weight: float = 10.0
+    experience_size: int = 1000
+    replay_minibatch: int = 4
+
+    metrics_interval_s: float = 5.0
+
+    def require_kafka(self) -> str:
+        """The bootstrap servers, or a ValueError naming the fix when none are resolved."""
+        if not self.kafka_bootstrap_servers:
+            raise ValueError("no Kafka broker: set KAFKA_BOOTSTRAP_SERVERS or run `rmo up`")
+        return self.kafka_bootstrap_servers

@@ -1,0 +1,222 @@
+"""Projections: Redis state derived from events, applied effectively once by the stage runner.
+
+Each projection is applied by the consumer of the topic its events live on, in that topic's
+order, atomically with the consumer's checkpoint (streams/stage.py). Replay applies the same
+objects to the same topics, so a rebuilt namespace equals the live one key by key:
+- task status and counters only set distinct fields or add integers (order-free);
+- breakers read the calls topic, keyed by provider, so one provider's calls keep their order;
+- the Q-table reads the single-partition rewards topic, one total order.
+Floats are never summed across events: costs are counted in integer micro-USD.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from agents import qlearning
+from agents.breaker import BreakerConfig, BreakerState, apply_outcome
+from models.codec import make_event
+from models.events import BreakerTransitioned, Envelope, RewardComputed, TaskCompleted
+from streams.stage import Tx
+
+MICRO = 1_000_000
+
+
+def micro_usd(usd: float) -> int:
+    return round(usd * MICRO)
+
+
+def epoch_ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+class TaskStatusProjection:
+    """``{ns}:task:{id}`` hash: one field group per lifecycle event (set once, order-free).
+
+    Status is derived at read time (:func:`task_status`)."""
+
+    name = "task_status"
+
+    async def apply(self, events: Sequence[Envelope], tx: Tx) -> None:
+        for e in events:
+            fields = self._fields(e)
+            if fields:
+                key = tx.keys.task(e.payload.task_id)
+                tx.write(lambda p, k=key, f=fields: p.hset(k, mapping=f))
+
+    @staticmethod
+    def _fields(e: Envelope) -> dict[str, str] | None:
+        p = e.payload
+        at = e.occurred_at.isoformat()
+        match e.event_type:
+            case "TaskSubmitted":
+                return {"submitted_at": at, "kind": p.kind, "priority": str(p.priority)}
+            case "TaskAnalyzed":
+                return {"analyzed_at": at, "task_type": p.features.task_type,
+                        "complexity": p.features.complexity}
+            case "TaskExecuted":
+                return {"executed_at": at, "action": p.action, "strategy": p.consensus_strategy,
+                        "chosen": p.chosen or "", "agreement": repr(p.agreement)}
+            case "TaskValidated":
+                return {"validated_at": at, "passed": "1" if p.passed else "0",
+                        "tests_passed": str(p.tests_passed), "tests_total": str(p.tests_total)}
+            case "TaskCompleted":
+                return {"completed_at": at, "status": p.status, "cost_usd": repr(p.cost_usd),
+                        "tokens": str(p.tokens), "latency_ms": repr(p.latency_ms),
+                        "provider": p.provider or ""}
+        return None
+
+
+def task_status(h: dict[str, str]) -> str:
+    """The status shown by ``rmo status``: the final status, else the furthest stage reached."""
+    if not h:
+        return "unknown"
+    if "status" in h:
+        return h["status"]
+    for field, status in (("validated_at", "validated"), ("executed_at", "executed"),
+                          ("analyzed_at", "analyzed"), ("submitted_at", "pending")):
+        if field in h:
+            return status
+    return "unknown"
+
+
+class CountersProjection:
+    """``{ns}:counters`` hash: events per type, tasks per final status, costs in micro-USD."""
+
+    name = "counters"
+
+    async def apply(self, events: Sequence[Envelope], tx: Tx) -> None:
+        incr: dict[str, int] = {}
+        provider_incr: dict[str, dict[str, int]] = {}
+        for e in events:
+            incr[f"events:{e.event_type}"] = incr.get(f"events:{e.event_type}", 0) + 1
+            if e.event_type == "TaskCompleted":
+                p = e.payload
+                incr[f"tasks:{p.status}"] = incr.get(f"tasks:{p.status}", 0) + 1
+                incr["cost_microusd"] = incr.get("cost_microusd", 0) + micro_usd(p.cost_usd)
+                incr["tokens"] = incr.get("tokens", 0) + p.tokens
+                if p.provider:
+                    d = provider_incr.setdefault(p.provider, {})
+                    d["tasks"] = d.get("tasks", 0) + 1
+                    d["tasks_passed"] = d.get("tasks_passed", 0) + (p.status == "passed")
+        if not incr:
+            return
+
+        def write(pipe, incr=incr, provider_incr=provider_incr) -> None:
+            for f, n in incr.items():
+                pipe.hincrby(tx.keys.counters, f, n)
+            for prov, d in provider_incr.items():
+                pipe.sadd(tx.keys.providers_index, prov)
+                for f, n in d.items():
+                    pipe.hincrby(tx.keys.provider_stats(prov), f, n)
+
+        tx.write(write)
+
+
+@dataclass
+class BreakerProjection:
+    """``{ns}:breaker:{provider}`` state and ``{ns}:provider:{id}`` call stats, from the calls
+    topic. Each transition is emitted as ``BreakerTransitioned`` on the system topic."""
+
+    config: BreakerConfig
+    name: str = "breakers"
+
+    async def apply(self, events: Sequence[Envelope], tx: Tx) -> None:
+        calls = [e for e in events if e.event_type in ("ProviderCallCompleted", "ProviderCallFailed")]
+        if not calls:
+            return
+        providers = sorted({e.payload.provider for e in calls})
+        pipe = tx.redis.pipeline(transaction=False)
+        for prov in providers:
+            pipe.hgetall(tx.keys.breaker(prov))
+        states = {prov: BreakerState.from_hash(h) for prov, h in zip(providers, await pipe.execute())}
+        stats: dict[str, dict[str, int]] = {prov: {} for prov in providers}
+        for e in calls:
+            p = e.payload
+            ok = e.event_type == "ProviderCallCompleted"
+            s = stats[p.provider]
+            for f, n in (("calls", 1), ("failures", 0 if ok else 1),
+                         ("cost_microusd", micro_usd(p.cost_usd)),
+                         ("input_tokens", p.input_tokens), ("output_tokens", p.output_tokens),
+                         (f"latency_ms:{min(int(p.latency_ms), 600_000)}", 1)):
+                s[f] = s.get(f, 0) + n
+            if not ok:
+                s[f"errors:{p.error_type}"] = s.get(f"errors:{p.error_type}", 0) + 1
+            new, transitions = apply_outcome(states[p.provider], ok, epoch_ms(e.occurred_at), self.config)
+            states[p.provider] = new
+            for i, t in enumerate(transitions):
+                s["trips"] = s.get("trips", 0) + (t.to_state == "open")
+                payload = BreakerTransitioned(provider=p.provider, from_state=t.from_state,
+                                              to_state=t.to_state, reason=t.reason,
+                                              failures=t.failures, successes=t.successes)
+                tx.emit("system", make_event(payload, producer="executor.breaker", cause=e,
+                                             correlation_id=p.provider, attempt=i,
+                                             occurred_at=e.occurred_at), key=p.provider)
+
+        def write(pipe) -> None:
+            for prov in providers:
+                pipe.hset(tx.keys.breaker(prov), mapping=states[prov].to_hash())
+                pipe.sadd(tx.keys.providers_index, prov)
+                for f, n in stats[prov].items():
+                    pipe.hincrby(tx.keys.provider_stats(prov), f, n)
+
+        tx.write(write)
+
+
+@dataclass
+class QTableProjection:
+    """The Q-table, experience buffer and update count, from the single-partition rewards
+    topic. After applying a reward it emits the task's ``TaskCompleted`` (live only)."""
+
+    config: qlearning.QConfig
+    name: str = "qtable"
+
+    async def apply(self, events: Sequence[Envelope], tx: Tx) -> None:
+        rewards = [e for e in events if e.event_type == "RewardComputed"]
+        if not rewards:
+            return
+        k = tx.keys
+        pipe = tx.redis.pipeline(transaction=False)
+        pipe.hgetall(k.qtable)
+        pipe.hget(k.qmeta, "updates")
+        pipe.lrange(k.experience, 0, -1)
+        for e in rewards:
+            pipe.hget(k.task(e.payload.task_id), "submitted_at")
+        table_h, updates, exp_raw, *submitted = await pipe.execute()
+        q = qlearning.from_fields(table_h)
+        updates = int(updates or 0)
+        experience = [json.loads(x) for x in exp_raw]
+        touched: set[tuple[str, str]] = set()
+        new_exp: list[str] = []
+        cfg = self.config
+        for e, sub in zip(rewards, submitted):
+            r: RewardComputed = e.payload
+            qlearning.update(q, r.state, r.action, r.reward, r.next_state, cfg)
+            touched.add((r.state, r.action))
+            row = [r.state, r.action, r.reward, r.next_state]
+            experience.append(row)
+            new_exp.append(json.dumps(row))
+            experience = experience[-cfg.experience_size:]
+            rng = qlearning.seeded_rng(e.event_id)
+            for idx in rng.sample(range(len(experience)), min(cfg.minibatch, len(experience))):
+                s, a, rew, s2 = experience[idx]
+                qlearning.update(q, s, a, rew, s2, cfg)
+                touched.add((s, a))
+            updates += 1
+            latency = (e.occurred_at - datetime.fromisoformat(sub)).total_seconds() * 1000 if sub else 0.0
+            done = TaskCompleted(task_id=r.task_id, status="passed" if r.passed else "failed",
+                                 provider=r.provider, action=r.action, cost_usd=r.cost_usd,
+                                 tokens=r.tokens, latency_ms=max(latency, 0.0))
+            tx.emit("tasks", make_event(done, producer="learning.qtable", cause=e))
+        fields = qlearning.to_fields(q, touched)
+
+        def write(pipe) -> None:
+            pipe.hset(k.qtable, mapping=fields)
+            pipe.hset(k.qmeta, "updates", str(updates))
+            pipe.rpush(k.experience, *new_exp)
+            pipe.ltrim(k.experience, -cfg.experience_size, -1)
+
+        tx.write(write)

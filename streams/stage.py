@@ -1,0 +1,318 @@
+"""The batch commit protocol every consumer runs: stages live, projections in replay.
+
+One batch is a list of records from one consumer's source topic. ``BatchRunner.run`` applies it
+**effectively once** (SPEC §5):
+
+1. Decode every record. A record that is not a valid envelope becomes a ``DeadLettered``
+   event (reason, original bytes, topic/partition/offset) and is otherwise skipped.
+2. Read the consumer's checkpoint for each topic-partition in the batch and drop records at
+   or below it: they were applied before a crash or rebalance.
+3. Drop events whose ``event_id`` this consumer has already applied (a re-produced
+   duplicate from an upstream stage that crashed between producing and committing).
+4. ``Consumer.process`` runs the stage logic on the remaining events (live mode only); it
+   queues output events with ``Tx.emit`` and state writes with ``Tx.write``. An event whose
+   processing raises is dead-lettered with the exception as the reason; the batch goes on.
+5. Every projection of the consumer applies the remaining events (queues writes; may emit).
+6. Produce every emitted event and wait for all acks. A crash after this point re-runs the
+   batch, which re-produces the *same* deterministic event ids; consumers drop them in step 3.
+7. In one MULTI/EXEC, guarded by WATCH on the batch's checkpoint keys: the queued writes,
+   the applied event ids, and the new checkpoints. If another consumer advanced one of those
+   checkpoints meanwhile (a zombie after a rebalance), ``StaleBatchError`` is raised and
+   nothing is written: the other consumer's commit already covers these records.
+8. Return; only now may the caller commit the Kafka offsets (Faust acks after the batch).
+
+Redis being unreachable at steps 2-3 or 7 pauses the consumer (one log line), retries with
+backoff, and resumes (one log line) without re-running step 4, so providers are not called
+twice and no write is applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
+
+from models.codec import CodecError, decode, encode, make_event
+from models.events import DeadLettered, Envelope, TaskCompleted
+from streams.config import Settings
+from streams.keys import Keys
+from streams.topics import TopicRegistry
+
+log = logging.getLogger("rmo.stage")
+
+Mode = Literal["live", "replay"]
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+class StaleBatchError(RuntimeError):
+    """Another consumer committed past this batch's offsets: this batch must not be applied."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One Kafka record as the runner sees it (offset and partition from the broker)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class Producer(Protocol):
+    """Sends one record; the returned awaitable resolves when the broker acked it."""
+
+    async def send(self, topic: str, key: bytes | None, value: bytes) -> Awaitable[Any]: ...
+
+
+@dataclass
+class Context:
+    """What every consumer needs: settings, key layout, topics, Redis, a producer."""
+
+    settings: Settings
+    keys: Keys
+    topics: TopicRegistry
+    redis: Redis
+    producer: Producer | None
+    mode: Mode = "live"
+
+
+Write = Callable[[Pipeline], None]
+
+
+@dataclass
+class Tx:
+    """The batch being applied: reads go to ``redis`` directly, writes are queued for step 7."""
+
+    ctx: Context
+    writes: list[Write] = field(default_factory=list)
+    emitted: list[tuple[str, bytes | None, Envelope]] = field(default_factory=list)
+    failed: dict[str, BaseException] = field(default_factory=dict)
+
+    @property
+    def redis(self) -> Redis:
+        return self.ctx.redis
+
+    @property
+    def keys(self) -> Keys:
+        return self.ctx.keys
+
+    def write(self, fn: Write) -> None:
+        self.writes.append(fn)
+
+    def emit(self, role: str, event: Envelope, key: str | None = None) -> None:
+        """Queue ``event`` for the topic of ``role``, keyed by ``key`` or its correlation id.
+        Dropped in replay mode: replay rebuilds state, it does not re-publish history."""
+        if self.ctx.mode == "replay":
+            return
+        k = key if key is not None else event.correlation_id
+        self.emitted.append((role, k.encode(), event))
+
+    def fail(self, event: Envelope, exc: BaseException) -> None:
+        self.failed[event.event_id] = exc
+
+
+class Projection(Protocol):
+    """A piece of Redis state derived from events; ``apply`` queues the writes for a batch."""
+
+    name: str
+
+    async def apply(self, events: Sequence[Envelope], tx: Tx) -> None: ...
+
+
+class Consumer:
+    """A consumer of one topic role: a stage (``process``) plus the projections it maintains."""
+
+    name: str = "consumer"
+    source: str = "tasks"
+    handles: frozenset[str] = frozenset()
+    projections: tuple[Projection, ...] = ()
+
+    async def process(self, events: Sequence[Envelope], tx: Tx) -> None:
+        """Run the stage on the events of a handled type, concurrently; a raising event is
+        recorded with ``tx.fail`` (dead-lettered) while the others go on."""
+        results = await asyncio.gather(*(self.handle(e, tx) for e in events), return_exceptions=True)
+        for event, result in zip(events, results):
+            if isinstance(result, REDIS_DOWN):
+                raise result
+            if isinstance(result, BaseException):
+                if not isinstance(result, Exception):
+                    raise result
+                tx.fail(event, result)
+
+    async def handle(self, event: Envelope, tx: Tx) -> None:
+        raise NotImplementedError
+
+
+class BatchRunner:
+    """Runs the commit protocol (module docstring) for one consumer."""
+
+    def __init__(self, consumer: Consumer, ctx: Context) -> None:
+        self.consumer = consumer
+        self.ctx = ctx
+        self._paused = False
+
+    async def run(self, records: Sequence[Record]) -> Tx:
+        """Apply one batch (steps 1-8). Returns the applied transaction (for tests and stats).
+
+        Raises:
+            StaleBatchError: a checkpoint moved under us (step 7).
+        """
+        tx = Tx(self.ctx)
+        events, sources = self._decode(records, tx)
+        events = await self._redis(lambda: self._fresh(events, sources))
+        handled = [e for e in events if e.event_type in self.consumer.handles]
+        if self.ctx.mode == "live" and handled:
+            marks = (len(tx.writes), len(tx.emitted))
+            await self._redis(lambda: self._process(handled, tx, marks))
+        for event_id, exc in tx.failed.items():
+            event = next(e for e in events if e.event_id == event_id)
+            self._dead_letter(tx, sources[event_id], f"{self.consumer.name} raised: {exc!r}",
+                              type(exc).__name__, event)
+        applied = [e for e in events if e.event_id not in tx.failed]
+        for projection in self.consumer.projections:
+            await self._redis(lambda p=projection: p.apply(applied, tx))
+        await self._produce(tx)
+        await self._redis(lambda: self._commit(records, applied, tx))
+        return tx
+
+    # -- steps ---------------------------------------------------------------------------
+
+    async def _process(self, events: list[Envelope], tx: Tx, marks: tuple[int, int]) -> None:
+        # a retry after a Redis outage restarts from where step 1 left the batch (``marks``):
+        # the stage's outputs are deterministic, so they are simply produced again
+        del tx.writes[marks[0]:], tx.emitted[marks[1]:]
+        tx.failed.clear()
+        await self.consumer.process(events, tx)
+
+    def _decode(self, records: Sequence[Record], tx: Tx) -> tuple[list[Envelope], dict[str, Record]]:
+        events: list[Envelope] = []
+        sources: dict[str, Record] = {}
+        for r in records:
+            try:
+                event = decode(r.value)
+            except CodecError as exc:
+                self._dead_letter(tx, r, str(exc), exc.kind, None)
+                continue
+            if event.event_id in sources:  # duplicate inside one batch
+                continue
+            events.append(event)
+            sources[event.event_id] = r
+        return events, sources
+
+    async def _fresh(self, events: list[Envelope], sources: dict[str, Record]) -> list[Envelope]:
+        if not events:
+            return []
+        keys = self.ctx.keys
+        tps = sorted({(sources[e.event_id].topic, sources[e.event_id].partition) for e in events})
+        ckpt_keys = [keys.checkpoint(self.consumer.name, t, p) for t, p in tps]
+        marks = {tp: -1 if m is None else int(m)
+                 for tp, m in zip(tps, await self.ctx.redis.mget(ckpt_keys))}
+
+        def after_mark(e: Envelope) -> bool:
+            r = sources[e.event_id]
+            return r.offset > marks[(r.topic, r.partition)]
+
+        fresh = [e for e in events if after_mark(e)]
+        if not fresh:
+            return []
+        seen = await self.ctx.redis.smismember(keys.seen(self.consumer.name), [e.event_id for e in fresh])
+        return [e for e, s in zip(fresh, seen) if not s]
+
+    def _dead_letter(self, tx: Tx, r: Record, reason: str, error_type: str, event: Envelope | None) -> None:
+        """Queue a DeadLettered event (id derived from the record's position, so a re-run
+        does not duplicate it) and, for a task event, that task's final TaskCompleted."""
+        log.warning("dead-letter %s[%d]@%d: %s", r.topic, r.partition, r.offset, reason)
+        payload = DeadLettered(
+            reason=reason[:2000], error_type=error_type, stage=self.consumer.name,
+            source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
+            original_key_b64=base64.b64encode(r.key).decode() if r.key is not None else None,
+            original_value_b64=base64.b64encode(r.value or b"").decode(),
+        )
+        position = f"{r.topic}:{r.partition}:{r.offset}"
+        dl = make_event(payload, producer=f"{self.consumer.name}.deadletter",
+                        correlation_id=event.correlation_id if event else position,
+                        event_id=_position_id(position, self.consumer.name))
+        tx.emit("deadletter", dl, key=position)
+        task_id = getattr(event.payload, "task_id", None) if event else None
+        if task_id and event is not None and event.event_type != "TaskCompleted":
+            done = TaskCompleted(task_id=task_id, status="dead_lettered", result=reason[:500])
+            tx.emit("tasks", make_event(done, producer=f"{self.consumer.name}.deadletter",
+                                        cause=event, discriminator="dead_lettered"))
+
+    async def _produce(self, tx: Tx) -> None:
+        if not tx.emitted:
+            return
+        producer = self.ctx.producer
+        if producer is None:
+            raise RuntimeError("live consumer without a producer")
+        acks = [await producer.send(self.ctx.topics.name(role), key, encode(event))
+                for role, key, event in tx.emitted]
+        await asyncio.gather(*acks)
+
+    async def _commit(self, records: Sequence[Record], applied: Iterable[Envelope], tx: Tx) -> None:
+        keys = self.ctx.keys
+        top: dict[tuple[str, int], int] = {}
+        for r in records:
+            tp = (r.topic, r.partition)
+            top[tp] = max(top.get(tp, -1), r.offset)
+        ckpt = {keys.checkpoint(self.consumer.name, t, p): off for (t, p), off in top.items()}
+        ids = [e.event_id for e in applied]
+        async with self.ctx.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(*ckpt)
+            current = await pipe.mget(list(ckpt))
+            for (key, new), cur in zip(ckpt.items(), current):
+                if cur is not None and int(cur) >= new:
+                    raise StaleBatchError(f"{key} is at {int(cur)}, batch ends at {new}")
+            pipe.multi()
+            for w in tx.writes:
+                w(pipe)
+            if ids:
+                pipe.sadd(keys.seen(self.consumer.name), *ids)
+            pipe.mset({k: str(v) for k, v in ckpt.items()})
+            try:
+                await pipe.execute()
+            except WatchError:
+                raise StaleBatchError(f"a checkpoint of {self.consumer.name} moved during commit") from None
+
+    async def _redis(self, step: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a step that talks to Redis; while Redis is unreachable, pause and retry."""
+        delay = 0.1
+        while True:
+            try:
+                result = await step()
+            except REDIS_DOWN as exc:
+                if not self._paused:
+                    log.error("%s paused: Redis unreachable (%s); retrying until it returns",
+                              self.consumer.name, exc)
+                    self._paused = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if self._paused:
+                log.warning("%s resumed: Redis is back", self.consumer.name)
+                self._paused = False
+            return result
+
+
+def _position_id(position: str, consumer: str) -> str:
+    return hashlib.sha256(f"{position}|{consumer}".encode()).hexdigest()[:32]
+
+
+class ProjectionConsumer(Consumer):
+    """A consumer that only maintains projections (no stage logic)."""
+
+    def __init__(self, name: str, source: str, projections: tuple[Projection, ...]) -> None:
+        self.name = name
+        self.source = source
+        self.projections = projections

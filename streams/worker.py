@@ -1,0 +1,30 @@
+"""Starting a worker: topics first, then the Faust app with every consumer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from faust.worker import Worker
+from redis.asyncio import Redis
+
+from agents.providers.registry import load_providers
+from streams.app import create_app
+from streams.config import Settings
+from streams.pipeline import build_consumers
+from streams.topics import create_topics, load_topics
+
+
+def build_app(settings: Settings):
+    """The worker's Faust app for ``settings`` (services already resolved)."""
+    registry = load_topics(settings.namespace, settings.topics_file)
+    providers = load_providers(settings.providers_file, seed=settings.seed)
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    return create_app(settings, registry, build_consumers(settings, providers), redis)
+
+
+def run_worker(settings: Settings, loglevel: str = "warn") -> None:
+    """Create the topics (idempotent), then run the worker until SIGINT/SIGTERM."""
+    registry = load_topics(settings.namespace, settings.topics_file)
+    asyncio.run(create_topics(settings.require_kafka(), registry))
+    app = build_app(settings)
+    Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()
