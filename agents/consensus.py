@@ -77,7 +77,7 @@ def _vote(candidates: list[CandidateView], weights: list[float]) -> int:
     least one parses, so a popular syntax error never beats a working answer. Ties go to
     the group whose earliest member comes first.
     """
-    eligible = [i for i, c in enumerate(candidates) if c.parses] or range(len(candidates))
+    eligible = [i for i, c in enumerate(candidates) if c.parses] or list(range(len(candidates)))
     groups: dict[tuple[str, str], list[int]] = {}
     for index in eligible:
         groups.setdefault(_key(candidates[index]), []).append(index)

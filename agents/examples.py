@@ -102,6 +102,7 @@ _BARE_WORDS = {"true": "True", "false": "False", "none": "None", "null": "None"}
 _MAX_EXPR_CHARS = 2000
 _MAX_CUTS = 16
 _MAX_SITES = 256  # candidate example sites examined per notation
+_MAX_REGION_CHARS = 20_000  # docstring text searched; HumanEval's longest is ~1,500
 
 
 def _cut_points(text: str, pattern: str) -> list[int]:
@@ -201,11 +202,14 @@ _DOCTEST = re.compile(r"^[ \t]*>>>[ \t]?(?P<src>.*)$", re.MULTILINE)
 _SEPARATOR = re.compile(
     r"\s*#?\s*(?:==>|-->|==|=>|->|➞|→|=|should\s+return|should\s+be|returns|gives)\s*:?",
 )
+# Spans are bounded ({0,300}) so a long line with many "For"/"Input" stays linear.
 _FOR_FORM = re.compile(
-    r"\bFor\s+(?P<args>[^\n]*?)\s+the\s+(?:output|result)\s+should\s+be\s+(?P<out>[^\n]*)",
+    r"\bFor\s+(?P<args>[^\n]{0,300}?)\s+the\s+(?:output|result)\s+should\s+be\s+"
+    r"(?P<out>[^\n]{0,300})",
 )
 _INPUT_OUTPUT = re.compile(
-    r"\bInput\s*:(?P<args>(?:[^\n]*\n){0,4}?[^\n]*?)\n?[ \t]*Output\s*:[ \t]*(?P<out>[^\n]*)",
+    r"\bInput\s*:(?P<args>(?:[^\n]{0,300}\n){0,4}?[^\n]{0,300}?)\n?[ \t]*Output\s*:[ \t]*"
+    r"(?P<out>[^\n]{0,300})",
 )
 _NAMED_VALUE = re.compile(r"^\s*[A-Za-z_]\w*\s*[:=]\s*(?P<value>\S.*)$")
 
@@ -321,11 +325,12 @@ def extract_examples(prompt: str, entry_point: str | None) -> list[Example]:
     ``entry_point`` is None the last function defined in the prompt is used. Never raises;
     returns ``[]`` when nothing usable is found. Only examples whose call is an entry-point
     call on literal arguments and whose expected value is a literal are kept (module doc).
+    Only the first 20,000 characters of the docstring are searched.
     """
     name = entry_point or _last_def_name(prompt)
     if not name or not name.isidentifier():
         return []
-    text = _docstring_region(prompt, name)
+    text = _docstring_region(prompt, name)[:_MAX_REGION_CHARS]
     found = _doctests(text, name) + _inline_calls(text, name) + _assignment_forms(text, name)
     found.sort(key=lambda item: item[0])
     seen: set[Example] = set()

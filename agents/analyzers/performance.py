@@ -23,6 +23,7 @@ included, per input scale."""
 LARGE_BOUND = 10**5
 """An explicit bound from here on makes a quadratic solution too slow: scale ``large``."""
 MEDIUM_BOUND = 10**3
+"""An explicit bound from here on is worth a medium scale (and a longer time limit)."""
 
 # Patterns run on the lowercased text, each only when one of its trigger substrings occurs
 # (substring tests are far cheaper than regex scans and most docstrings have none).
@@ -52,17 +53,19 @@ _RECURRENCE = (
 )
 _MODULAR_POWER = (
     ("modul",),
-    re.compile(r"\bmodul\w*\b[^\n]*?(?:\^|\*\*|power)|(?:\^|\*\*|power)[^\n]*?\bmodul"),
+    re.compile(r"\bmodul\w*\b.{0,80}?(?:\^|\*\*|power)|(?:\^|\*\*|power).{0,80}?\bmodul"),
 )
 _Rule = tuple[tuple[str, ...], re.Pattern[str]]
 
 
 def _findall(rule: _Rule, text: str) -> list[Any]:
+    """``pattern.findall(text)``, skipped when no trigger substring occurs."""
     triggers, pattern = rule
     return pattern.findall(text) if any(t in text for t in triggers) else []
 
 
 def _search(rule: _Rule, text: str) -> re.Match[str] | None:
+    """``pattern.search(text)``, skipped when no trigger substring occurs."""
     triggers, pattern = rule
     return pattern.search(text) if any(t in text for t in triggers) else None
 
