@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from agents.analyzers import analyze_task
+from collections.abc import Sequence
+
+from agents.analyzers import analyze_batch
 from models.codec import make_event
 from models.events import Envelope
 from streams.projections import CountersProjection, TaskStatusProjection
@@ -18,8 +20,8 @@ class AnalyzerStage(Consumer):
     handles = frozenset({"TaskSubmitted"})
     projections = (TaskStatusProjection(), CountersProjection())
 
-    async def handle(self, event: Envelope, tx: Tx) -> None:
-        task = event.payload
-        analyzed = await analyze_task(task)
-        analyzed = analyzed.model_copy(update={"task": task})
-        tx.emit("analyses", make_event(analyzed, producer="analyzer", cause=event))
+    async def process(self, events: Sequence[Envelope], tx: Tx) -> None:
+        tasks = [e.payload for e in events]
+        for event, task, analyzed in zip(events, tasks, await analyze_batch(tasks)):
+            analyzed = analyzed.model_copy(update={"task": task})
+            tx.emit("analyses", make_event(analyzed, producer="analyzer", cause=event))

@@ -194,44 +194,63 @@ class ExecutorStage(Consumer):
         tx.emit("executions", make_event(executed, producer="executor", cause=e))
 
     async def _call(self, provider_id: str, request, cause: Envelope, tx: Tx) -> _Outcome:
-        """Call one provider with retries on 429/5xx/timeouts (tenacity), one event per attempt."""
+        """Call one provider, retrying 429/5xx/timeouts (tenacity, honouring Retry-After) up to
+        ``max_attempts``; every attempt is one event on the calls topic."""
         provider = self.providers[provider_id]
-        timeout = self.settings.provider_timeout_s
         out = _Outcome(provider.id, None)
-        attempt_no = 0
         try:
-            async for attempt in AsyncRetrying(stop=stop_after_attempt(self.max_attempts),
+            # the first attempt runs outside tenacity: most calls succeed, and building a
+            # retrying controller per call costs as much as an instant provider's answer
+            await self._attempt(provider, request, 0, cause, tx, out)
+            return out
+        except RETRYABLE as exc:
+            if self.max_attempts < 2:
+                return out
+            await asyncio.sleep(_wait_seconds(exc))
+        except ProviderError:
+            return out
+        try:
+            async for attempt in AsyncRetrying(stop=stop_after_attempt(self.max_attempts - 1),
                                                retry=retry_if_exception_type(RETRYABLE),
                                                wait=_retry_after, reraise=True):
                 with attempt:
-                    n = attempt_no
-                    attempt_no += 1
-                    started = time.perf_counter()
-                    try:
-                        resp = await asyncio.wait_for(provider.complete(request(n)), timeout)
-                    except TimeoutError:
-                        err = ProviderTimeout(f"no answer within {timeout} s")
-                        err.latency_ms = (time.perf_counter() - started) * 1000
-                        self._failed(provider, n, err, cause, tx)
-                        raise err from None
-                    except ProviderError as err:
-                        self._failed(provider, n, err, cause, tx)
-                        out.cost_usd += err.cost_usd or 0.0
-                        out.tokens += (err.input_tokens or 0) + (err.output_tokens or 0)
-                        raise
-                    tx.emit("calls", make_event(ProviderCallCompleted(
-                        task_id=request(n).task_id, provider=provider.id, model=resp.model, attempt=n,
-                        latency_ms=resp.latency_ms, input_tokens=resp.input_tokens,
-                        output_tokens=resp.output_tokens, cost_usd=resp.cost_usd,
-                        response_text=resp.text,
-                    ), producer=f"executor.provider.{provider.id}", cause=cause, attempt=n,
-                        discriminator=provider.id), key=provider.id)
-                    out.response = resp
-                    out.cost_usd += resp.cost_usd
-                    out.tokens += resp.input_tokens + resp.output_tokens
+                    await self._attempt(provider, request, attempt.retry_state.attempt_number,
+                                        cause, tx, out)
         except ProviderError:
             pass  # every attempt failed; each failure is already an event
         return out
+
+    async def _attempt(self, provider: Provider, request, n: int, cause: Envelope, tx: Tx,
+                       out: _Outcome) -> None:
+        """One call bounded by the executor timeout; records its event and its cost in ``out``.
+
+        Raises:
+            ProviderError: the call failed (timeouts become ProviderTimeout).
+        """
+        timeout = self.settings.provider_timeout_s
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
+                resp = await provider.complete(request(n))
+        except TimeoutError:
+            err = ProviderTimeout(f"no answer within {timeout} s",
+                                  latency_ms=(time.perf_counter() - started) * 1000)
+            self._failed(provider, n, err, cause, tx)
+            raise err from None
+        except ProviderError as err:
+            self._failed(provider, n, err, cause, tx)
+            out.cost_usd += err.cost_usd or 0.0
+            out.tokens += (err.input_tokens or 0) + (err.output_tokens or 0)
+            raise
+        tx.emit("calls", make_event(ProviderCallCompleted(
+            task_id=cause.payload.task_id, provider=provider.id, model=resp.model, attempt=n,
+            latency_ms=resp.latency_ms, input_tokens=resp.input_tokens,
+            output_tokens=resp.output_tokens, cost_usd=resp.cost_usd, response_text=resp.text,
+        ), producer=f"executor.provider.{provider.id}", cause=cause, attempt=n,
+            discriminator=provider.id), key=provider.id)
+        out.response = resp
+        out.cost_usd += resp.cost_usd
+        out.tokens += resp.input_tokens + resp.output_tokens
 
     def _failed(self, provider: Provider, attempt: int, err: ProviderError, cause: Envelope, tx: Tx) -> None:
         tx.emit("calls", make_event(ProviderCallFailed(
@@ -247,9 +266,11 @@ class ExecutorStage(Consumer):
             discriminator=provider.id), key=provider.id)
 
     async def _consensus(self, strategy: str, answered: list[_Outcome], task) -> ConsensusResult:
+        # a single candidate needs no vote; parsing it here would repeat the validator's work
+        single = strategy == "single" or len(answered) < 2
         views = [CandidateView(provider=o.provider, text=o.response.text,
-                               parses=_parses(o.response.text), signature=None,
-                               passes_examples=None) for o in answered]
+                               parses=True if single else _parses(o.response.text),
+                               signature=None, passes_examples=None) for o in answered]
         if strategy != "single" and len(views) > 1 and task.kind == "code" and task.entry_point:
             views = await self._with_behaviour(views, task)
         return decide(strategy, views)
@@ -278,11 +299,15 @@ class ExecutorStage(Consumer):
         return list(await asyncio.gather(*(run(v) for v in views)))
 
 
-def _retry_after(retry_state) -> float:
+def _wait_seconds(exc: BaseException | None) -> float:
     """Wait what the provider's Retry-After asks (capped at 2 s), else 50 ms."""
-    exc = retry_state.outcome.exception() if retry_state.outcome else None
     ra = getattr(exc, "retry_after_s", None)
     return min(float(ra), 2.0) if ra else 0.05
+
+
+def _retry_after(retry_state) -> float:
+    """tenacity wait strategy: :func:`_wait_seconds` of the last attempt's exception."""
+    return _wait_seconds(retry_state.outcome.exception() if retry_state.outcome else None)
 
 
 def _parses(text: str) -> bool:

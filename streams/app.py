@@ -55,7 +55,7 @@ def create_app(settings: Settings, registry: TopicRegistry, consumers: list[Cons
         topic_disable_leader=True,
         topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
-        producer_linger=0.002,
+        producer_linger=0.0,  # acks are awaited per batch: lingering only adds latency
         producer_max_batch_size=1 << 20,
         stream_buffer_maxsize=max(4 * settings.batch_max, 4096),
         broker_commit_every=1000,

@@ -258,13 +258,14 @@ def demo(
 @app.command()
 def bench(
     tasks: Annotated[int, typer.Option(help="Tasks for the end-to-end run.")] = 5000,
+    workers: Annotated[int, typer.Option(help="Worker processes for the end-to-end run.")] = 2,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Measure ingest events/s, end-to-end tasks/s (instant sim provider, sandbox off),
     p50/p99 task latency, and a raw aiokafka four-hop relay as the baseline."""
     from streams.bench import run_bench
 
-    raise typer.Exit(run_bench(tasks=tasks, as_json=as_json))
+    raise typer.Exit(run_bench(tasks=tasks, workers=workers, as_json=as_json))
 
 
 def main() -> None:

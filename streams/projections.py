@@ -11,10 +11,13 @@ Floats are never summed across events: costs are counted in integer micro-USD.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from collections import deque
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from datetime import datetime
+
+import orjson
 
 from agents import qlearning
 from agents.breaker import BreakerConfig, BreakerState, apply_outcome
@@ -169,39 +172,53 @@ class BreakerProjection:
 @dataclass
 class QTableProjection:
     """The Q-table, experience buffer and update count, from the single-partition rewards
-    topic. After applying a reward it emits the task's ``TaskCompleted`` (live only)."""
+    topic. After applying a reward it emits the task's ``TaskCompleted`` (live only).
+
+    Per reward: one Q-learning update, the experience appended (latest ``experience_size``
+    kept), then ``minibatch`` experiences drawn by :func:`qlearning.minibatch` (seeded by the
+    reward's event id) are replayed. The table and buffer stay cached between batches while
+    the stored update count matches the cache, i.e. while no other writer committed.
+    """
 
     config: qlearning.QConfig
     name: str = "qtable"
+    _cache: tuple[int, qlearning.QTable, deque] | None = dc_field(default=None, repr=False)
+
+    async def _load(self, tx: Tx, rewards: Sequence[Envelope]) -> tuple[int, qlearning.QTable, deque, list]:
+        k = tx.keys
+        pipe = tx.redis.pipeline(transaction=False)
+        pipe.hget(k.qmeta, "updates")
+        for e in rewards:
+            pipe.hget(k.task(e.payload.task_id), "submitted_at")
+        updates_raw, *submitted = await pipe.execute()
+        updates = int(updates_raw or 0)
+        if self._cache is not None and self._cache[0] == updates:
+            _, q, experience = self._cache
+            return updates, q, experience, submitted
+        pipe = tx.redis.pipeline(transaction=False)
+        pipe.hgetall(k.qtable)
+        pipe.lrange(k.experience, 0, -1)
+        table_h, exp_raw = await pipe.execute()
+        experience = deque((orjson.loads(x) for x in exp_raw), maxlen=self.config.experience_size)
+        return updates, qlearning.from_fields(table_h), experience, submitted
 
     async def apply(self, events: Sequence[Envelope], tx: Tx) -> None:
         rewards = [e for e in events if e.event_type == "RewardComputed"]
         if not rewards:
             return
         k = tx.keys
-        pipe = tx.redis.pipeline(transaction=False)
-        pipe.hgetall(k.qtable)
-        pipe.hget(k.qmeta, "updates")
-        pipe.lrange(k.experience, 0, -1)
-        for e in rewards:
-            pipe.hget(k.task(e.payload.task_id), "submitted_at")
-        table_h, updates, exp_raw, *submitted = await pipe.execute()
-        q = qlearning.from_fields(table_h)
-        updates = int(updates or 0)
-        experience = [json.loads(x) for x in exp_raw]
+        cfg = self.config
+        updates, q, experience, submitted = await self._load(tx, rewards)
         touched: set[tuple[str, str]] = set()
         new_exp: list[str] = []
-        cfg = self.config
         for e, sub in zip(rewards, submitted):
             r: RewardComputed = e.payload
             qlearning.update(q, r.state, r.action, r.reward, r.next_state, cfg)
             touched.add((r.state, r.action))
             row = [r.state, r.action, r.reward, r.next_state]
             experience.append(row)
-            new_exp.append(json.dumps(row))
-            experience = experience[-cfg.experience_size:]
-            rng = qlearning.seeded_rng(e.event_id)
-            for idx in rng.sample(range(len(experience)), min(cfg.minibatch, len(experience))):
+            new_exp.append(orjson.dumps(row).decode())
+            for idx in qlearning.minibatch(e.event_id, len(experience), cfg.minibatch):
                 s, a, rew, s2 = experience[idx]
                 qlearning.update(q, s, a, rew, s2, cfg)
                 touched.add((s, a))
@@ -211,6 +228,7 @@ class QTableProjection:
                                  provider=r.provider, action=r.action, cost_usd=r.cost_usd,
                                  tokens=r.tokens, latency_ms=max(latency, 0.0))
             tx.emit("tasks", make_event(done, producer="learning.qtable", cause=e))
+        self._cache = (updates, q, experience)
         fields = qlearning.to_fields(q, touched)
 
         def write(pipe) -> None:

@@ -29,6 +29,7 @@ import io
 import random
 import tokenize
 from bisect import bisect_left
+from functools import lru_cache
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -301,11 +302,14 @@ def _is_inert(stmt: ast.stmt) -> bool:
     )
 
 
-def find_mutations(source: str, region_start: int = 0) -> dict[str, list[Mutation]]:
+@lru_cache(maxsize=4096)
+def find_mutations(source: str, region_start: int = 0) -> dict[str, tuple[Mutation, ...]]:
     """All applicable mutations of ``source`` starting at or after ``region_start``, by kind.
 
     Each listed mutation changes the text and yields a module that still parses. Raises
-    SyntaxError if ``source`` itself does not parse.
+    SyntaxError if ``source`` itself does not parse. Memoized: a sim provider asks for the
+    same task's mutants on every wrong answer, and parsing every mutant dominates its cost.
+    The result is shared, hence immutable.
     """
     tree = ast.parse(source)
     src = _Source(source)
@@ -314,7 +318,7 @@ def find_mutations(source: str, region_start: int = 0) -> dict[str, list[Mutatio
         mutant = mutation.apply(source)
         if mutant != source and _parses(mutant):
             by_kind.setdefault(mutation.kind, []).append(mutation)
-    return by_kind
+    return {kind: tuple(ms) for kind, ms in by_kind.items()}
 
 
 def mutate(source: str, rng: random.Random, region_start: int = 0) -> str | None:

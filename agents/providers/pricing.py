@@ -10,7 +10,7 @@ the snapshot bundled with the installed package: no network access.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 from genai_prices import Usage, calc_price
 from genai_prices.data_snapshot import get_snapshot
@@ -44,9 +44,12 @@ def resolve_model(model: str) -> PricedModel:
     return PricedModel(provider_id=provider.id, model_id=info.id, name=info.name or info.id)
 
 
+@lru_cache(maxsize=65536)
 def price_usd(model: str, input_tokens: int, output_tokens: int) -> float:
     """Price in USD of a call to ``model`` with the given input and output token counts.
 
+    Memoized: genai-prices builds its price model on every call, which costs more than an
+    instant sim provider's whole answer; the result is a pure function of the arguments.
     Raises ValueError for a model genai-prices does not know (see :func:`resolve_model`).
     """
     priced = resolve_model(model)
