@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up a development checkout: a virtualenv in .venv with the project and its test extras,
+# and Debian's bubblewrap (the validator's sandbox) when running as root on Debian/Ubuntu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq bubblewrap >/dev/null; }
+  else
+    echo "warning: bwrap not found; install bubblewrap (the sandbox falls back to rlimited subprocesses)" >&2
+  fi
+fi
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
