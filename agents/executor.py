@@ -83,6 +83,7 @@ class _Plan:
     choice: qlearning.Choice | None
     epsilon: float
     skipped_open: tuple[str, ...]
+    policy: str = "epsilon-greedy"
 
 
 class ExecutorStage(Consumer):
@@ -91,7 +92,11 @@ class ExecutorStage(Consumer):
     handles = frozenset({"TaskAnalyzed"})
     projections = (TaskStatusProjection(), CountersProjection())
 
-    def __init__(self, providers: dict[str, Provider], settings: Settings, max_attempts: int = 2) -> None:
+    def __init__(self, providers: dict[str, Provider], settings: Settings, max_attempts: int = 2,
+                 forced_actions: dict[str, str] | None = None) -> None:
+        """``forced_actions`` (task id -> action name) replaces the policy for those tasks:
+        re-execution replays the recorded decision instead of deciding again."""
+        self.forced_actions = forced_actions or {}
         self.providers = providers
         self.settings = settings
         self.max_attempts = max_attempts
@@ -146,6 +151,14 @@ class ExecutorStage(Consumer):
         a: TaskAnalyzed = e.payload
         state = qlearning.make_state(self.previous, a.features.task_type, a.features.complexity)
         skipped = tuple(sorted(blocked))
+        forced = self.forced_actions.get(a.task_id)
+        if forced is not None:
+            action = next((x for x in self.actions if x.name == forced), None)
+            if action is None:
+                raise ValueError(f"recorded action {forced!r} is not available; actions: "
+                                 f"{[x.name for x in self.actions]}")
+            return _Plan(state, action, qlearning.Choice(forced, False, {forced: 1.0}, {}), 0.0,
+                         skipped, policy="replay")
         # an open breaker removes every action that would call that provider
         usable = [x for x in self.actions if not set(x.providers) & blocked]
         if not usable:
@@ -166,7 +179,7 @@ class ExecutorStage(Consumer):
         if action is not None and plan.choice is not None:
             tx.emit("decisions", make_event(ProviderSelected(
                 task_id=a.task_id, state=plan.state, action=action.name,
-                providers=list(action.providers), strategy=action.strategy, policy="epsilon-greedy",
+                providers=list(action.providers), strategy=action.strategy, policy=plan.policy,
                 epsilon=plan.epsilon, explored=plan.choice.explored,
                 action_probabilities=plan.choice.probabilities, q_values=plan.choice.q_values,
                 skipped_open=list(plan.skipped_open),

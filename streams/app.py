@@ -23,7 +23,7 @@ from models.codec import encode, make_event
 from streams import metrics
 from streams.config import Settings
 from streams.keys import Keys
-from streams.stage import BatchRunner, Consumer, Context, Record, StaleBatchError
+from streams.stage import REDIS_DOWN, BatchRunner, Consumer, Context, Record, StaleBatchError
 from streams.topics import TopicRegistry
 
 log = logging.getLogger("rmo.worker")
@@ -95,8 +95,14 @@ def _add_metrics_timer(app: faust.App, ctx: Context, settings: Settings) -> None
 
     @app.timer(settings.metrics_interval_s)
     async def publish_metrics() -> None:
-        """Heartbeat (so `rmo demo` knows a worker runs) and a MetricsSnapshot."""
-        now = datetime.now(UTC)
+        """Heartbeat (so `rmo demo` knows a worker runs) and a MetricsSnapshot; skipped, not
+        fatal, while Redis is unreachable (the stages log that outage themselves)."""
+        try:
+            await _publish(datetime.now(UTC))
+        except REDIS_DOWN:
+            pass
+
+    async def _publish(now: datetime) -> None:
         await ctx.redis.set(ctx.keys.ephemeral("worker", worker_id), now.isoformat(),
                             ex=int(settings.metrics_interval_s * 3) + 1)
         snap = await metrics.collect(ctx.redis, ctx.keys, state["since"], now)

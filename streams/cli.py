@@ -8,11 +8,13 @@ else an embedded Redis. Commands that start a worker create the topics first.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -232,6 +234,141 @@ async def _metrics(s: Settings, follow: bool, as_json: bool) -> None:
         p = e.payload
         typer.echo(f"[{p.window_end.isoformat(timespec='seconds')}] "
                    + " ".join(f"{k}={v}" for k, v in sorted(p.counters.items())))
+
+
+# --------------------------------------------------------------------------- history
+
+
+@app.command("replay")
+def replay_cmd(
+    from_beginning: Annotated[bool, typer.Option("--from-beginning", help="Read every topic from offset 0 (the default).")] = False,
+    from_offset: Annotated[int | None, typer.Option("--from-offset", help="Start every partition at this offset.")] = None,
+    from_time: Annotated[datetime | None, typer.Option("--from-time", help="Skip events that occurred before this time (RFC 3339).")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="Empty namespace to rebuild into (default: {namespace}-replay-{time}).")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Compare with the live namespace key by key; exit 1 on any difference.")] = False,
+    task: Annotated[str | None, typer.Option("--task", help="With --reexecute: the task to re-run.")] = None,
+    reexecute: Annotated[bool, typer.Option("--reexecute", help="Re-run --task through the stages with the replay provider.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Rebuild every projection from the log into a fresh namespace (and verify it), or
+    re-execute one task from its recorded provider calls."""
+    if sum(x is not None and x is not False for x in (from_beginning or None, from_offset, from_time)) > 1:
+        raise fail("choose one of --from-beginning, --from-offset, --from-time")
+    if reexecute != (task is not None):
+        raise fail("--reexecute and --task go together: rmo replay --task TASK_ID --reexecute")
+    if from_time is not None and from_time.tzinfo is None:
+        from_time = from_time.replace(tzinfo=UTC)
+    with services() as s:
+        code = asyncio.run(_reexecute(s, task, as_json) if task else
+                           _replay(s, from_offset, from_time, namespace, verify, as_json))
+    raise typer.Exit(code)
+
+
+async def _replay(s: Settings, from_offset: int | None, from_time: datetime | None,
+                  namespace: str | None, verify: bool, as_json: bool) -> int:
+    from agents.providers.registry import load_providers
+    from streams import replay
+    from streams.pipeline import build_consumers
+
+    target = namespace or f"{s.namespace}-replay-{datetime.now(UTC):%Y%m%d%H%M%S}"
+    consumers = build_consumers(s, load_providers(s.providers_file, seed=s.seed))
+    redis = redis_client(s)
+    try:
+        try:
+            report = await replay.replay(s, _registry(s), consumers, redis, target,
+                                         from_offset=from_offset, from_time=from_time)
+        except replay.ReplayTargetError as exc:
+            raise fail(str(exc)) from None
+        if verify:
+            report.differences = await replay.verify(redis, Keys(s.namespace), Keys(target))
+    finally:
+        await redis.aclose()
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        typer.echo(f"rebuilt {report.events} events into namespace {target} in {report.seconds:.2f} s "
+                   f"({report.events_per_s:,.0f} events/s)")
+        if report.differences is not None:
+            typer.echo(f"verify: {len(report.differences)} difference(s) with {s.namespace}")
+            for d in report.differences:
+                typer.echo(f"  {d}")
+    return 1 if report.differences else 0
+
+
+async def _reexecute(s: Settings, task_id: str, as_json: bool) -> int:
+    from streams.reexecute import NothingToReexecute, reexecute
+
+    redis = redis_client(s)
+    try:
+        result = await reexecute(s, _registry(s), redis, task_id)
+    except NothingToReexecute as exc:
+        raise fail(f"{exc}; check the id with `rmo lineage {task_id}`") from None
+    finally:
+        await redis.aclose()
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        typer.echo(f"{task_id}: originally {'passed' if result.original_passed else 'failed'}, "
+                   f"re-executed {'passed' if result.passed else 'failed'}; "
+                   f"{result.replayed_calls} recorded call(s) replayed, "
+                   f"{result.new_provider_calls} new")
+        for e in result.events:
+            typer.echo(f"  {e.event_type:22} {e.event_id}  caused by {e.causation_id}")
+    return 0 if result.original_passed in (None, result.passed) else 1
+
+
+@app.command("lineage")
+def lineage_cmd(task_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """The causation tree of one task's events: type, producer, time, topic/partition/offset."""
+    from streams.lineage import lineage
+
+    with services() as s:
+        roots = asyncio.run(lineage(s, _registry(s), task_id))
+    if not roots:
+        raise fail(f"no events with correlation id {task_id!r}", code=1)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in roots]))
+    else:
+        for r in roots:
+            typer.echo("\n".join(r.render()))
+
+
+@app.command("deadletter")
+def deadletter_cmd(
+    retry: Annotated[str | None, typer.Option("--retry", help="Re-produce this dead letter's original record to its source topic.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List dead-lettered records (reason, stage, source topic/partition/offset), or retry one."""
+    with services() as s:
+        code = asyncio.run(_deadletter(s, retry, as_json))
+    raise typer.Exit(code)
+
+
+async def _deadletter(s: Settings, retry: str | None, as_json: bool) -> int:
+    letters = []
+    async for r in read_topic(s.require_kafka(), _registry(s).name("deadletter")):
+        letters.append(decode(r.value))
+    if retry is None:
+        for e in letters:
+            p = e.payload
+            if as_json:
+                typer.echo(orjson.dumps({"id": e.event_id, "occurred_at": e.occurred_at.isoformat(),
+                                         **p.model_dump()}).decode())
+            else:
+                typer.echo(f"{e.event_id}  {e.occurred_at.isoformat(timespec='seconds')}  {p.stage:10} "
+                           f"{p.source_topic}[{p.source_partition}]@{p.source_offset}  {p.reason}")
+        return 0
+    match = [e for e in letters if e.event_id == retry]
+    if not match:
+        raise fail(f"no dead letter {retry!r}; list them with `rmo deadletter`")
+    p = match[-1].payload
+    async with EventProducer(s.require_kafka()) as producer:
+        fut = await producer.send(p.source_topic,
+                                  base64.b64decode(p.original_key_b64) if p.original_key_b64 else None,
+                                  base64.b64decode(p.original_value_b64))
+        md = await fut
+    typer.echo(f"re-submitted {retry} to {md.topic}[{md.partition}]@{md.offset}")
+    return 0
 
 
 # --------------------------------------------------------------------------- jobs

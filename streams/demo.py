@@ -29,10 +29,11 @@ from rich.table import Table
 from models.codec import CodecError, decode, make_event
 from models.events import TaskSubmitted
 from streams import embedded
-from streams.client import EventProducer, high_watermarks, read_topic
+from streams.client import EventProducer, read_topic
 from streams.config import Settings
 from streams.keys import Keys
 from streams.metrics import learned_policy
+from streams.pipeline import wait_caught_up
 from streams.topics import TopicRegistry, create_topics, load_topics
 
 WORKER_READY_TIMEOUT_S = 60.0
@@ -168,20 +169,6 @@ async def tally(settings: Settings, registry: TopicRegistry, ids: set[str], sinc
     return t
 
 
-async def wait_learning_applied(settings: Settings, registry: TopicRegistry, redis: Redis,
-                                timeout_s: float = 30.0) -> None:
-    """Wait until the Q-table consumer's checkpoint reached the rewards topic's high watermark."""
-    topic = registry.name("rewards")
-    keys = Keys(settings.namespace)
-    hw = await high_watermarks(settings.require_kafka(), topic)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        marks = [await redis.get(keys.checkpoint("learning.qtable", topic, p)) for p in hw]
-        if all(h == 0 or (m is not None and int(m) >= h - 1) for m, h in zip(marks, hw.values())):
-            return
-        await asyncio.sleep(0.1)
-
-
 def summarize(done: dict[str, dict], t: RunTally, policy: dict[str, tuple[str, float]],
               elapsed_s: float) -> dict:
     providers = {}
@@ -261,7 +248,9 @@ async def _run(settings: Settings, limit: int | None, as_json: bool, timeout_s: 
             start[md.partition] = min(start.get(md.partition, md.offset), md.offset)
         done = await wait_completed(settings, registry, ids, start, timeout_s, quiet=False)
         elapsed = time.monotonic() - started
-        await wait_learning_applied(settings, registry, redis)
+        # the worker stops after this run: let every projection apply the last events first
+        if not await wait_caught_up(settings, registry, redis):
+            console.print("[yellow]projections did not catch up within 60 s[/]")
         t = await tally(settings, registry, ids, since)
         summary = summarize(done, t, await learned_policy(redis, keys), elapsed)
     finally:

@@ -11,8 +11,8 @@ Floats are never summed across events: costs are counted in integer micro-USD.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from datetime import datetime

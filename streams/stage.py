@@ -11,8 +11,10 @@ One batch is a list of records from one consumer's source topic. ``BatchRunner.r
    duplicate from an upstream stage that crashed between producing and committing).
 4. ``Consumer.process`` runs the stage logic on the remaining events (live mode only); it
    queues output events with ``Tx.emit`` and state writes with ``Tx.write``. An event whose
-   processing raises is dead-lettered with the exception as the reason; the batch goes on.
-5. Every projection of the consumer applies the remaining events (queues writes; may emit).
+   processing raises is dead-lettered with the exception as the reason (and its task gets a
+   ``TaskCompleted`` with status ``dead_lettered``); the batch goes on.
+5. Every projection of the consumer applies the remaining events, processed or dead-lettered
+   alike, exactly as replay (which runs no stage logic) will (queues writes; may emit).
 6. Produce every emitted event and wait for all acks. A crash after this point re-runs the
    batch, which re-produces the *same* deterministic event ids; consumers drop them in step 3.
 7. In one MULTI/EXEC, guarded by WATCH on the batch's checkpoint keys: the queued writes,
@@ -179,7 +181,9 @@ class BatchRunner:
             event = next(e for e in events if e.event_id == event_id)
             self._dead_letter(tx, sources[event_id], f"{self.consumer.name} raised: {exc!r}",
                               type(exc).__name__, event)
-        applied = [e for e in events if e.event_id not in tx.failed]
+        # projections record that an event is in the log, whether or not the stage managed to
+        # process it: replay, which runs no stage logic, must rebuild the same state
+        applied = events
         for projection in self.consumer.projections:
             await self._redis(lambda p=projection: p.apply(applied, tx))
         await self._produce(tx)

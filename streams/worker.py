@@ -19,7 +19,10 @@ def build_app(settings: Settings):
     """The worker's Faust app for ``settings`` (services already resolved)."""
     registry = load_topics(settings.namespace, settings.topics_file)
     providers = load_providers(settings.providers_file, seed=settings.seed)
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    # bounded timeouts: an unreachable Redis must surface as an error the stages pause on,
+    # not as a call that hangs
+    redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5.0,
+                           socket_connect_timeout=2.0, health_check_interval=10)
     return create_app(settings, registry, build_consumers(settings, providers), redis)
 
 
