@@ -7,7 +7,8 @@ configured Redis in a throw-away namespace:
    worker processes (default 2: one per core),
    an instant sim provider (no latency, no faults) and the sandbox off (validator level syntax);
    p50/p99 task latency (TaskCompleted.latency_ms: submit to completion);
-3. baseline: the same four hops as a raw aiokafka consume -> produce relay, no logic.
+3. replay: every projection rebuilt from that run's log into a fresh namespace, events/s;
+4. baseline: the same four hops as a raw aiokafka consume -> produce relay, no logic.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
+from agents.providers.registry import load_providers
 from models.codec import make_event
 from models.events import TaskSubmitted
 from streams import embedded
@@ -34,6 +36,8 @@ from streams.client import EventProducer, read_topic
 from streams.config import Settings
 from streams.demo import humaneval_tasks, spawn_worker, stop_worker
 from streams.keys import Keys
+from streams.pipeline import build_consumers, wait_caught_up
+from streams.replay import replay
 from streams.topics import create_topics, load_topics
 
 INSTANT_PROVIDER = """providers:
@@ -154,17 +158,25 @@ async def _bench(n: int, workers: int, log: Path) -> dict:
         procs = [spawn_worker(settings, log) for _ in range(workers)]
         await run_tasks(settings, bench_tasks(WARMUP_TASKS, "warmup"))
         tps, lat = await run_tasks(settings, bench_tasks(n, "run"))
+        await wait_caught_up(settings, load_topics(ns), redis)
+        for proc in procs:
+            stop_worker(proc)
+        procs = []
+        rebuilt = await replay(settings, load_topics(ns), build_consumers(settings, load_providers(providers)),
+                               redis, f"{ns}-replay")
         baseline = await measure_baseline(kafka.address, f"{ns}.raw", n)
         q = statistics.quantiles(lat, n=100)
         return {"tasks": n, "ingest_events_per_s": round(ingest, 1), "tasks_per_s": round(tps, 1),
                 "p50_ms": round(statistics.median(lat), 2), "p99_ms": round(q[98], 2),
                 "baseline_tasks_per_s": round(baseline, 1), "workers": workers,
+                "replay_events": rebuilt.events, "replay_events_per_s": round(rebuilt.events_per_s, 1),
                 "machine": f"{socket.gethostname()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}"}
     finally:
         for proc in procs:
             stop_worker(proc)
-        async for key in redis.scan_iter(Keys(ns).pattern(), count=1000):
-            await redis.delete(key)
+        for space in (ns, f"{ns}-replay"):
+            async for key in redis.scan_iter(Keys(space).pattern(), count=1000):
+                await redis.delete(key)
         await redis.aclose()
         kafka.stop()
         if redis_handle:

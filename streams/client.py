@@ -82,26 +82,28 @@ async def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None
         await consumer.stop()
 
 
-async def high_watermarks(bootstrap: str, topic: str) -> dict[int, int]:
+async def high_watermarks(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
     """partition -> high watermark, from a fetch response (consumes nothing durable)."""
     hw: dict[int, int] = {}
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                                fetch_max_wait_ms=50, max_partition_fetch_bytes=1)
+                                fetch_max_wait_ms=50)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
         consumer.assign(tps)
         for tp in tps:
             await consumer.seek_to_beginning(tp)
-        for _ in range(100):
-            await consumer.getmany(timeout_ms=100, max_records=1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            await consumer.getmany(timeout_ms=100)
             for tp in tps:
                 h = consumer.highwater(tp)
-                if h is not None:
+                if h is not None and tp.partition not in hw:
                     hw[tp.partition] = h
+                    consumer.pause(tp)  # known: stop fetching its records
             if len(hw) == len(tps):
                 return hw
-        raise TimeoutError(f"{topic}: no high watermark reported")
+        raise TimeoutError(f"{topic}: no high watermark reported within {timeout_s} s")
     finally:
         await consumer.stop()
 

@@ -44,11 +44,17 @@ class TaskStatusProjection:
     name = "task_status"
 
     async def apply(self, events: Sequence[Envelope], tx: Tx) -> None:
+        per_task: dict[str, dict[str, str]] = {}  # one HSET per task and batch
         for e in events:
             fields = self._fields(e)
             if fields:
-                key = tx.keys.task(e.payload.task_id)
-                tx.write(lambda p, k=key, f=fields: p.hset(k, mapping=f))
+                per_task.setdefault(e.payload.task_id, {}).update(fields)
+        if per_task:
+            def write(pipe, per_task=per_task) -> None:
+                for task_id, fields in per_task.items():
+                    pipe.hset(tx.keys.task(task_id), mapping=fields)
+
+            tx.write(write)
 
     @staticmethod
     def _fields(e: Envelope) -> dict[str, str] | None:

@@ -3,10 +3,11 @@
 One batch is a list of records from one consumer's source topic. ``BatchRunner.run`` applies it
 **effectively once** (SPEC §5):
 
-1. Decode every record. A record that is not a valid envelope becomes a ``DeadLettered``
+1. Read the consumer's checkpoint for each topic-partition in the batch and drop records at
+   or below it: they were applied before a crash or rebalance (a batch with nothing left
+   ends here).
+2. Decode every remaining record. A record that is not a valid envelope becomes a ``DeadLettered``
    event (reason, original bytes, topic/partition/offset) and is otherwise skipped.
-2. Read the consumer's checkpoint for each topic-partition in the batch and drop records at
-   or below it: they were applied before a crash or rebalance.
 3. Drop events whose ``event_id`` this consumer has already applied (a re-produced
    duplicate from an upstream stage that crashed between producing and committing).
 4. ``Consumer.process`` runs the stage logic on the remaining events (live mode only); it
@@ -18,14 +19,15 @@ One batch is a list of records from one consumer's source topic. ``BatchRunner.r
 6. Produce every emitted event and wait for all acks. A crash after this point re-runs the
    batch, which re-produces the *same* deterministic event ids; consumers drop them in step 3.
 7. In one MULTI/EXEC, guarded by WATCH on the batch's checkpoint keys: the queued writes,
-   the applied event ids, and the new checkpoints. If another consumer advanced one of those
-   checkpoints meanwhile (a zombie after a rebalance), ``StaleBatchError`` is raised and
-   nothing is written: the other consumer's commit already covers these records.
+   the applied event ids, and the new checkpoints. If a checkpoint differs from what step 1
+   read (another consumer committed these partitions meanwhile: we are a zombie after a
+   rebalance), ``StaleBatchError`` is raised and nothing is written.
 8. Return; only now may the caller commit the Kafka offsets (Faust acks after the batch).
 
-Redis being unreachable at steps 2-3 or 7 pauses the consumer (one log line), retries with
-backoff, and resumes (one log line) without re-running step 4, so providers are not called
-twice and no write is applied twice.
+Redis being unreachable pauses the consumer (one log line), retries the step that failed with
+backoff, and resumes (one log line): an outage at step 7 does not re-run step 4, so providers
+are not called again; one inside step 4 (a stage reading state) re-runs step 4 alone, from
+what steps 1-3 left. Nothing is written until step 7, so nothing is applied twice.
 """
 
 from __future__ import annotations
@@ -171,12 +173,16 @@ class BatchRunner:
             StaleBatchError: a checkpoint moved under us (step 7).
         """
         tx = Tx(self.ctx)
+        marks = await self._redis(lambda: self._checkpoints(records))
+        records = [r for r in records if r.offset > marks[(r.topic, r.partition)]]
+        if not records:
+            return tx  # the whole batch was applied before (redelivery after a crash)
         events, sources = self._decode(records, tx)
-        events = await self._redis(lambda: self._fresh(events, sources))
+        events = await self._redis(lambda: self._unseen(events))
         handled = [e for e in events if e.event_type in self.consumer.handles]
         if self.ctx.mode == "live" and handled:
-            marks = (len(tx.writes), len(tx.emitted))
-            await self._redis(lambda: self._process(handled, tx, marks))
+            queued = (len(tx.writes), len(tx.emitted))
+            await self._redis(lambda: self._process(handled, tx, queued))
         for event_id, exc in tx.failed.items():
             event = next(e for e in events if e.event_id == event_id)
             self._dead_letter(tx, sources[event_id], f"{self.consumer.name} raised: {exc!r}",
@@ -187,17 +193,24 @@ class BatchRunner:
         for projection in self.consumer.projections:
             await self._redis(lambda p=projection: p.apply(applied, tx))
         await self._produce(tx)
-        await self._redis(lambda: self._commit(records, applied, tx))
+        await self._redis(lambda: self._commit(records, marks, applied, tx))
         return tx
 
     # -- steps ---------------------------------------------------------------------------
 
-    async def _process(self, events: list[Envelope], tx: Tx, marks: tuple[int, int]) -> None:
-        # a retry after a Redis outage restarts from where step 1 left the batch (``marks``):
+    async def _process(self, events: list[Envelope], tx: Tx, queued: tuple[int, int]) -> None:
+        # a retry after a Redis outage restarts from what steps 1-3 queued (``queued``):
         # the stage's outputs are deterministic, so they are simply produced again
-        del tx.writes[marks[0]:], tx.emitted[marks[1]:]
+        del tx.writes[queued[0]:], tx.emitted[queued[1]:]
         tx.failed.clear()
         await self.consumer.process(events, tx)
+
+    async def _checkpoints(self, records: Sequence[Record]) -> dict[tuple[str, int], int]:
+        """(topic, partition) -> last applied offset (-1: none yet) for the batch's partitions."""
+        tps = sorted({(r.topic, r.partition) for r in records})
+        keys = [self.ctx.keys.checkpoint(self.consumer.name, t, p) for t, p in tps]
+        values = await self.ctx.redis.mget(keys) if keys else []
+        return {tp: -1 if v is None else int(v) for tp, v in zip(tps, values)}
 
     def _decode(self, records: Sequence[Record], tx: Tx) -> tuple[list[Envelope], dict[str, Record]]:
         events: list[Envelope] = []
@@ -214,24 +227,12 @@ class BatchRunner:
             sources[event.event_id] = r
         return events, sources
 
-    async def _fresh(self, events: list[Envelope], sources: dict[str, Record]) -> list[Envelope]:
+    async def _unseen(self, events: list[Envelope]) -> list[Envelope]:
         if not events:
             return []
-        keys = self.ctx.keys
-        tps = sorted({(sources[e.event_id].topic, sources[e.event_id].partition) for e in events})
-        ckpt_keys = [keys.checkpoint(self.consumer.name, t, p) for t, p in tps]
-        marks = {tp: -1 if m is None else int(m)
-                 for tp, m in zip(tps, await self.ctx.redis.mget(ckpt_keys))}
-
-        def after_mark(e: Envelope) -> bool:
-            r = sources[e.event_id]
-            return r.offset > marks[(r.topic, r.partition)]
-
-        fresh = [e for e in events if after_mark(e)]
-        if not fresh:
-            return []
-        seen = await self.ctx.redis.smismember(keys.seen(self.consumer.name), [e.event_id for e in fresh])
-        return [e for e, s in zip(fresh, seen) if not s]
+        seen = await self.ctx.redis.smismember(self.ctx.keys.seen(self.consumer.name),
+                                               [e.event_id for e in events])
+        return [e for e, s in zip(events, seen) if not s]
 
     def _dead_letter(self, tx: Tx, r: Record, reason: str, error_type: str, event: Envelope | None) -> None:
         """Queue a DeadLettered event (id derived from the record's position, so a re-run
@@ -264,20 +265,22 @@ class BatchRunner:
                 for role, key, event in tx.emitted]
         await asyncio.gather(*acks)
 
-    async def _commit(self, records: Sequence[Record], applied: Iterable[Envelope], tx: Tx) -> None:
+    async def _commit(self, records: Sequence[Record], marks: dict[tuple[str, int], int],
+                      applied: Iterable[Envelope], tx: Tx) -> None:
         keys = self.ctx.keys
         top: dict[tuple[str, int], int] = {}
         for r in records:
             tp = (r.topic, r.partition)
             top[tp] = max(top.get(tp, -1), r.offset)
         ckpt = {keys.checkpoint(self.consumer.name, t, p): off for (t, p), off in top.items()}
+        expected = [marks[tp] for tp in top]
         ids = [e.event_id for e in applied]
         async with self.ctx.redis.pipeline(transaction=True) as pipe:
             await pipe.watch(*ckpt)
             current = await pipe.mget(list(ckpt))
-            for (key, new), cur in zip(ckpt.items(), current):
-                if cur is not None and int(cur) >= new:
-                    raise StaleBatchError(f"{key} is at {int(cur)}, batch ends at {new}")
+            for key, cur, mark in zip(ckpt, current, expected):
+                if (-1 if cur is None else int(cur)) != mark:
+                    raise StaleBatchError(f"{key} moved from {mark} to {cur} during this batch")
             pipe.multi()
             for w in tx.writes:
                 w(pipe)
