@@ -46,7 +46,7 @@ def create_app(settings: Settings, registry: TopicRegistry, consumers: list[Cons
     bootstrap = settings.require_kafka()
     app = faust.App(
         f"rmo-{settings.namespace}",
-        broker=[f"kafka://{b}" for b in bootstrap.split(",")],
+        broker=[f"rmokafka://{b}" for b in bootstrap.split(",")],
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=max(settings.session_timeout_s / 6, 0.5),
         broker_rebalance_timeout=settings.session_timeout_s * 2,
@@ -62,6 +62,7 @@ def create_app(settings: Settings, registry: TopicRegistry, consumers: list[Cons
         broker_commit_interval=1.0,
         datadir=os.path.join(tempfile.gettempdir(), f"rmo-faust-{settings.namespace}"),
     )
+    app.fetch_max_wait_ms = settings.fetch_max_wait_ms  # read by streams.transport
     ctx = Context(settings=settings, keys=Keys(settings.namespace), topics=registry, redis=redis,
                   producer=FaustProducer(app))
     for consumer in consumers:

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     session_timeout_s: float = 6.0
     batch_max: int = 500
     batch_within_s: float = 0.02
+    fetch_max_wait_ms: int = 20
 
     # executor (SPEC §4)
     provider_timeout_s: float = 30.0

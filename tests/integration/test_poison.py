@@ -11,11 +11,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from redis.asyncio import Redis
 
 from models.codec import MAX_VALUE_BYTES, encode, make_event
@@ -260,19 +262,32 @@ async def _letters_at(s: Settings, registry: TopicRegistry, md) -> list[Envelope
     return find_letter(await dead_letters(s, registry), md)
 
 
+class _AsFaust(RoundRobinPartitionAssignor):
+    """Joins a group whose members speak Faust's assignor protocol (the group keeps it)."""
+
+    name = "faust"
+
+
 async def rewind_group(s: Settings, registry: TopicRegistry) -> None:
-    """Commit offset 0 for the worker's consumer group on every source topic: what Kafka
-    remembers after a worker crashed between its Redis commit (stage.py step 7) and its Kafka
-    offset commit (step 8), only for the whole history at once."""
+    """Commit offset 0 for the (stopped) worker's consumer group on every source topic: what
+    Kafka remembers after a worker crashed between its Redis commit (stage.py step 7) and its
+    Kafka offset commit (step 8), here for the whole history at once. Tansu only takes commits
+    from a group member, so this joins the group first."""
     from streams.pipeline import SOURCES
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.require_kafka(), group_id=f"rmo-{s.namespace}",
-                                enable_auto_commit=False)
+    roles = list(dict.fromkeys(r for _, r in SOURCES))
+    tps = {TopicPartition(registry.name(role), p) for role in roles
+           for p in range(registry.specs[role].partitions)}
+    consumer = AIOKafkaConsumer(*(registry.name(r) for r in roles), bootstrap_servers=s.require_kafka(),
+                                group_id=f"rmo-{s.namespace}", enable_auto_commit=False,
+                                session_timeout_ms=6000, heartbeat_interval_ms=1000,
+                                partition_assignment_strategy=(_AsFaust,))
     await consumer.start()
     try:
-        tps = [TopicPartition(registry.name(role), p) for role in dict.fromkeys(r for _, r in SOURCES)
-               for p in range(registry.specs[role].partitions)]
-        consumer.assign(tps)
+        deadline = time.monotonic() + 30
+        while consumer.assignment() != tps:
+            assert time.monotonic() < deadline, f"not assigned: {consumer.assignment()}"
+            await consumer.getmany(timeout_ms=200)
         await consumer.commit({tp: 0 for tp in tps})
         assert {tp: await consumer.committed(tp) for tp in tps} == {tp: 0 for tp in tps}
     finally:
