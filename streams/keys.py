@@ -22,7 +22,7 @@ class Keys:
 
     def task(self, task_id: str) -> str:
         """Hash: one task's projected lifecycle fields."""
-        return self._k("task", task_id)
+        return f"{self.namespace}:task:{task_id}"  # hot path: once per task event
 
     @property
     def qtable(self) -> str:
