@@ -37,8 +37,9 @@ def encode(event: Envelope) -> bytes:
     return orjson.dumps(event.model_dump(mode="json"))
 
 
-def decode(value: bytes | None) -> Envelope:
-    """Parse and validate one record value.
+def decode(value: bytes | None, max_bytes: int | None = MAX_VALUE_BYTES) -> Envelope:
+    """Parse and validate one record value. ``max_bytes`` (None: no limit) guards the stages;
+    readers of history, such as the dead letters of oversized records, lift it.
 
     Raises:
         CodecError: the bytes are oversized, not JSON, not an object, of an unknown
@@ -46,8 +47,8 @@ def decode(value: bytes | None) -> Envelope:
     """
     if value is None:
         raise CodecError("not_json", "record has no value (tombstone)")
-    if len(value) > MAX_VALUE_BYTES:
-        raise CodecError("oversized", f"{len(value)} bytes > {MAX_VALUE_BYTES}")
+    if max_bytes is not None and len(value) > max_bytes:
+        raise CodecError("oversized", f"{len(value)} bytes > {max_bytes}")
     try:
         raw = orjson.loads(value)
     except orjson.JSONDecodeError as exc:

@@ -210,7 +210,11 @@ class MetricsSnapshot(Frozen):
 
 
 class DeadLettered(Frozen):
-    """A record a stage could not process: reason, original bytes (base64) and its origin."""
+    """A record a stage could not process: reason, original bytes (base64) and its origin.
+
+    ``original_size`` is the record's size in bytes; only records over the dead-letter limit
+    (streams.stage.MAX_DEADLETTER_BYTES, 2 MiB) keep a truncated prefix
+    (``original_truncated``), so that the dead letter itself stays producible."""
 
     reason: str
     error_type: str
@@ -220,6 +224,8 @@ class DeadLettered(Frozen):
     source_offset: int
     original_key_b64: str | None
     original_value_b64: str
+    original_size: int = Field(default=0, ge=0)
+    original_truncated: bool = False
 
 
 # --------------------------------------------------------------------------- envelopes

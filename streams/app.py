@@ -8,6 +8,7 @@ so offsets never pass unfinished work (SPEC §4: Faust's ``concurrency>1`` commi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -23,7 +24,15 @@ from models.codec import encode, make_event
 from streams import metrics
 from streams.config import Settings
 from streams.keys import Keys
-from streams.stage import REDIS_DOWN, BatchRunner, Consumer, Context, Record, StaleBatchError
+from streams.stage import (
+    PRODUCER_MAX_REQUEST_BYTES,
+    REDIS_DOWN,
+    BatchRunner,
+    Consumer,
+    Context,
+    Record,
+    StaleBatchError,
+)
 from streams.topics import TopicRegistry
 
 log = logging.getLogger("rmo.worker")
@@ -57,6 +66,7 @@ def create_app(settings: Settings, registry: TopicRegistry, consumers: list[Cons
         consumer_auto_offset_reset="earliest",
         producer_linger=0.0,  # acks are awaited per batch: lingering only adds latency
         producer_max_batch_size=1 << 20,
+        producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,  # dead letters of 1 MB records
         stream_buffer_maxsize=max(4 * settings.batch_max, 4096),
         broker_commit_every=1000,
         broker_commit_interval=1.0,
@@ -81,13 +91,29 @@ def _add_agent(app: faust.App, consumer: Consumer, ctx: Context, settings: Setti
         async for events in stream.take_events(settings.batch_max, settings.batch_within_s):
             records = [Record(e.message.topic, e.message.partition, e.message.offset,
                               e.message.key, e.message.value) for e in events]
-            try:
-                await runner.run(records)
-            except StaleBatchError as exc:
-                log.warning("%s: batch skipped, %s", consumer.name, exc)
+            await _run_until_applied(runner, records)
 
     agent.__name__ = agent.__qualname__ = consumer.name.replace(".", "_")
     app.agent(topic, name=f"rmo.{consumer.name}")(agent)
+
+
+async def _run_until_applied(runner: BatchRunner, records: list[Record]) -> None:
+    """Apply a batch; an unexpected error is logged and the batch retried with backoff, so a
+    bug or a broker hiccup stalls this partition loudly instead of crashing the agent or
+    skipping records (the offsets are not acked until the batch is applied)."""
+    delay = 1.0
+    while True:
+        try:
+            await runner.run(records)
+            return
+        except StaleBatchError as exc:
+            log.warning("%s: batch skipped, %s", runner.consumer.name, exc)
+            return
+        except Exception:
+            log.exception("%s: batch of %d failed; retrying in %.0f s", runner.consumer.name,
+                          len(records), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def _add_metrics_timer(app: faust.App, ctx: Context, settings: Settings) -> None:

@@ -228,7 +228,7 @@ def metrics(
 
 async def _metrics(s: Settings, follow: bool, as_json: bool) -> None:
     async for r in read_topic(s.require_kafka(), _registry(s).name("metrics"), follow=follow):
-        e = decode(r.value)
+        e = decode(r.value, max_bytes=None)
         if as_json:
             typer.echo(orjson.dumps(e.model_dump(mode="json")).decode())
             continue
@@ -348,7 +348,7 @@ def deadletter_cmd(
 async def _deadletter(s: Settings, retry: str | None, as_json: bool) -> int:
     letters = []
     async for r in read_topic(s.require_kafka(), _registry(s).name("deadletter")):
-        letters.append(decode(r.value))
+        letters.append(decode(r.value, max_bytes=None))
     if retry is None:
         for e in letters:
             p = e.payload

@@ -14,13 +14,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from models.codec import encode
 from models.events import Envelope
-from streams.stage import Record
+from streams.stage import PRODUCER_MAX_REQUEST_BYTES, Record
 
 
 class EventProducer:
     """An aiokafka producer speaking envelopes; use as ``async with EventProducer(...)``."""
 
     def __init__(self, bootstrap: str, **kwargs) -> None:
+        kwargs.setdefault("max_request_size", PRODUCER_MAX_REQUEST_BYTES)
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
                                           max_batch_size=1 << 20, **kwargs)
 
@@ -53,7 +54,9 @@ async def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 group_id=None, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=100)
+                                fetch_max_wait_ms=100,
+                                # a dead letter of a 1 MB record is ~1.4 MB
+                                max_partition_fetch_bytes=2 * PRODUCER_MAX_REQUEST_BYTES)
     await consumer.start()
     try:
         partitions = await _partitions(consumer, topic)

@@ -45,7 +45,7 @@ async def lineage(settings: Settings, registry: TopicRegistry, task_id: str) -> 
     for role in ROLES:
         async for r in read_topic(settings.require_kafka(), registry.name(role)):
             try:
-                e = decode(r.value)
+                e = decode(r.value, max_bytes=None)
             except CodecError:
                 continue
             if e.correlation_id == task_id and e.event_id not in nodes:

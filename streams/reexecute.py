@@ -58,7 +58,7 @@ async def task_history(settings: Settings, registry: TopicRegistry, task_id: str
         events = []
         async for r in read_topic(settings.require_kafka(), registry.name(role)):
             try:
-                e = decode(r.value)
+                e = decode(r.value, max_bytes=None)
             except CodecError:
                 continue
             if e.correlation_id == task_id:
@@ -82,8 +82,11 @@ async def reexecute(settings: Settings, registry: TopicRegistry, redis: Redis,
         raise NothingToReexecute(f"{task_id}: the log has no submission and routing decision for it")
     original, decision = submitted[-1], decisions[-1]
     calls = [e.payload for e in history["calls"]]
-    providers = {p: ReplayProvider(p, next(c.model for c in calls if c.provider == p), calls)
-                 for p in dict.fromkeys(c.provider for c in calls)}
+    # the recorded decision's provider order, not the calls' arrival order: consensus breaks
+    # ties by candidate order, so another order could pick another winner
+    order = dict.fromkeys([*decision.payload.providers, *(c.provider for c in calls)])
+    providers = {p: ReplayProvider(p, next((c.model for c in calls if c.provider == p), "unknown"), calls)
+                 for p in order}
     validated = [e.payload for e in history["validations"]]
 
     task: TaskSubmitted = original.payload

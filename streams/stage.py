@@ -55,6 +55,10 @@ from streams.topics import TopicRegistry
 log = logging.getLogger("rmo.stage")
 
 Mode = Literal["live", "replay"]
+MAX_DEADLETTER_BYTES = 2 * 1024 * 1024
+"""Original bytes kept in a dead letter: base64 of 2 MiB stays under the deadletter topic's
+4 MiB max.message.bytes (topics.yaml) and the producer's max request size."""
+PRODUCER_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
@@ -242,7 +246,9 @@ class BatchRunner:
             reason=reason[:2000], error_type=error_type, stage=self.consumer.name,
             source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
             original_key_b64=base64.b64encode(r.key).decode() if r.key is not None else None,
-            original_value_b64=base64.b64encode(r.value or b"").decode(),
+            original_value_b64=base64.b64encode((r.value or b"")[:MAX_DEADLETTER_BYTES]).decode(),
+            original_size=len(r.value or b""),
+            original_truncated=len(r.value or b"") > MAX_DEADLETTER_BYTES,
         )
         position = f"{r.topic}:{r.partition}:{r.offset}"
         dl = make_event(payload, producer=f"{self.consumer.name}.deadletter",
@@ -290,6 +296,11 @@ class BatchRunner:
             try:
                 await pipe.execute()
             except WatchError:
+                # redis-py also raises WatchError when the connection dropped while watching:
+                # only a checkpoint that really moved makes this batch stale
+                now = await self.ctx.redis.mget(list(ckpt))
+                if [(-1 if v is None else int(v)) for v in now] == expected:
+                    raise RedisConnectionError("connection lost during commit") from None
                 raise StaleBatchError(f"a checkpoint of {self.consumer.name} moved during commit") from None
 
     async def _redis(self, step: Callable[[], Awaitable[Any]]) -> Any:

@@ -7,6 +7,10 @@ import logging
 
 from faust.worker import Worker
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agents.providers.registry import load_providers
 from streams.app import create_app
@@ -22,7 +26,11 @@ def build_app(settings: Settings):
     # bounded timeouts: an unreachable Redis must surface as an error the stages pause on,
     # not as a call that hangs
     redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=5.0,
-                           socket_connect_timeout=2.0, health_check_interval=10)
+                           socket_connect_timeout=2.0, health_check_interval=10,
+                           # a pooled connection to a restarted server fails once: retry it
+                           # on a fresh connection instead of reporting a new outage
+                           retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+                           retry_on_error=[RedisConnectionError, RedisTimeoutError])
     return create_app(settings, registry, build_consumers(settings, providers), redis)
 
 

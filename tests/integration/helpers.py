@@ -46,7 +46,7 @@ async def events(settings: Settings, registry: TopicRegistry, role: str) -> list
     out = []
     async for r in read_topic(settings.require_kafka(), registry.name(role)):
         with contextlib.suppress(CodecError):
-            out.append(decode(r.value))
+            out.append(decode(r.value, max_bytes=None))
     return out
 
 
