@@ -29,8 +29,8 @@ class Settings(BaseSettings):
 
     # Kafka consumer tuning. Tansu's first JoinGroup waits session_timeout/2 (SPEC §2).
     session_timeout_s: float = 6.0
-    batch_max: int = 500
-    batch_within_s: float = 0.02
+    batch_max: int = 1000
+    batch_within_s: float = 0.05
     fetch_max_wait_ms: int = 20
 
     # executor (SPEC §4)

@@ -182,7 +182,7 @@ def _regex_imports(prompt: str) -> tuple[tuple[str, int], ...]:
     return tuple(imports)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=4096)  # a whole batch (RMO_BATCH_MAX) between the five specialists
 def prompt_syntax(prompt: str, entry_point: str | None, kind: str) -> PromptSyntax:
     """Parse ``prompt`` once for all specialists (memoised: the five run back to back).
 
