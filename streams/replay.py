@@ -105,13 +105,13 @@ def _before(record: Record, t: datetime) -> bool:
         return False  # keep it: the replayed consumer dead-letters nothing, but counts it
 
 
-async def projection_state(redis: Redis, keys: Keys) -> dict[str, object]:
-    """Every projection key of a namespace (bookkeeping excluded), keyed without the
-    namespace prefix, with its value read by type."""
+async def projection_state(redis: Redis, keys: Keys, *, bookkeeping: bool = False) -> dict[str, object]:
+    """Every projection key of a namespace (with ``bookkeeping``: checkpoints, applied ids
+    and ephemeral keys too), keyed without the namespace prefix, with its value read by type."""
     state: dict[str, object] = {}
     prefix = len(keys.namespace) + 1
     async for key in redis.scan_iter(keys.pattern(), count=1000):
-        if keys.is_bookkeeping(key):
+        if not bookkeeping and keys.is_bookkeeping(key):
             continue
         kind = await redis.type(key)
         if kind == "hash":

@@ -92,19 +92,7 @@ async def drop_namespace(redis: Redis, ns: str) -> None:
 
 async def raw_state(redis: Redis, ns: str) -> dict[str, object]:
     """Every key of a namespace, bookkeeping (checkpoints, applied ids) included."""
-    out: dict[str, object] = {}
-    async for key in redis.scan_iter(Keys(ns).pattern(), count=1000):
-        kind = await redis.type(key)
-        if kind == "hash":
-            value: object = await redis.hgetall(key)
-        elif kind == "list":
-            value = await redis.lrange(key, 0, -1)
-        elif kind == "set":
-            value = sorted(await redis.smembers(key))
-        else:
-            value = await redis.get(key)
-        out[key[len(ns) + 1:]] = value
-    return out
+    return await projection_state(redis, Keys(ns), bookkeeping=True)
 
 
 @pytest.fixture(scope="module")
