@@ -281,27 +281,27 @@ class BatchRunner:
         ckpt = {keys.checkpoint(self.consumer.name, t, p): off for (t, p), off in top.items()}
         expected = [marks[tp] for tp in top]
         ids = [e.event_id for e in applied]
-        async with self.ctx.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(*ckpt)
-            current = await pipe.mget(list(ckpt))
-            for key, cur, mark in zip(ckpt, current, expected):
-                if (-1 if cur is None else int(cur)) != mark:
-                    raise StaleBatchError(f"{key} moved from {mark} to {cur} during this batch")
-            pipe.multi()
-            for w in tx.writes:
-                w(pipe)
-            if ids:
-                pipe.sadd(keys.seen(self.consumer.name), *ids)
-            pipe.mset({k: str(v) for k, v in ckpt.items()})
-            try:
+        try:
+            async with self.ctx.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(*ckpt)
+                current = await pipe.mget(list(ckpt))
+                for key, cur, mark in zip(ckpt, current, expected):
+                    if (-1 if cur is None else int(cur)) != mark:
+                        raise StaleBatchError(f"{key} moved from {mark} to {cur} during this batch")
+                pipe.multi()
+                for w in tx.writes:
+                    w(pipe)
+                if ids:
+                    pipe.sadd(keys.seen(self.consumer.name), *ids)
+                pipe.mset({k: str(v) for k, v in ckpt.items()})
                 await pipe.execute()
-            except WatchError:
-                # redis-py also raises WatchError when the connection dropped while watching:
-                # only a checkpoint that really moved makes this batch stale
-                now = await self.ctx.redis.mget(list(ckpt))
-                if [(-1 if v is None else int(v)) for v in now] == expected:
-                    raise RedisConnectionError("connection lost during commit") from None
-                raise StaleBatchError(f"a checkpoint of {self.consumer.name} moved during commit") from None
+        except WatchError:
+            # redis-py also raises WatchError when the connection dropped while watching (at
+            # any point after WATCH): only a checkpoint that really moved makes this batch stale
+            now = await self.ctx.redis.mget(list(ckpt))
+            if [(-1 if v is None else int(v)) for v in now] == expected:
+                raise RedisConnectionError("connection lost during commit") from None
+            raise StaleBatchError(f"a checkpoint of {self.consumer.name} moved during commit") from None
 
     async def _redis(self, step: Callable[[], Awaitable[Any]]) -> Any:
         """Run a step that talks to Redis; while Redis is unreachable, pause and retry."""

@@ -156,8 +156,9 @@ async def test_sigkill_three_times_no_reward_applied_twice_none_lost(
                    if e.payload.task_id in ids}
         counters = await r.hgetall(keys.counters)
         updates = int(await r.hget(keys.qmeta, "updates") or 0)
-        statuses = Counter(_status(e) for e in await events(s, topics, "tasks")
-                           if e.event_type == "TaskCompleted")
+        statuses = Counter({e.event_id: e.payload.status
+                            for e in await events(s, topics, "tasks")
+                            if e.event_type == "TaskCompleted"}.values())
         print(f"\ncrash safety: {N_TASKS} tasks, {restarts} restarts after SIGKILL at "
               f"(Q updates, s) {kills}; run {run_s:.1f} s; {duplicates} duplicate "
               f"TaskCompleted records ({sum(1 for n in copies.values() if n > 1)} ids); "
@@ -186,10 +187,6 @@ async def test_sigkill_three_times_no_reward_applied_twice_none_lost(
         async for key in r.scan_iter(rebuilt.pattern(), count=1000):
             await r.delete(key)
         await r.aclose()
-
-
-def _status(e) -> str:
-    return e.payload.status
 
 
 async def submit_with_acks(settings: Settings, registry: TopicRegistry, tasks) -> list:
