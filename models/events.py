@@ -8,8 +8,10 @@ model, so a single discriminated union (:data:`AnyEvent`) decodes any record and
 
 from __future__ import annotations
 
+import operator
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from functools import reduce
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -279,5 +281,5 @@ PAYLOADS: dict[str, type[Frozen]] = {
 EVENT_TYPES: dict[str, type[Envelope]] = {name: _envelope(name, m) for name, m in PAYLOADS.items()}
 """event_type -> envelope model (what `rmo schema` exports)."""
 
-AnyEvent = Annotated[Union[tuple(EVENT_TYPES.values())], Field(discriminator="event_type")]  # type: ignore[valid-type]
+AnyEvent = Annotated[reduce(operator.or_, EVENT_TYPES.values()), Field(discriminator="event_type")]  # type: ignore[valid-type]
 """Discriminated union of every envelope type; decode with ``models.codec``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -25,7 +26,7 @@ class EventProducer:
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
                                           max_batch_size=1 << 20, **kwargs)
 
-    async def __aenter__(self) -> EventProducer:
+    async def __aenter__(self) -> Self:
         await self._producer.start()
         return self
 
@@ -116,7 +117,7 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> Sequence[int]:
         parts = consumer.partitions_for_topic(topic)
         if parts:
             return sorted(parts)
-        await consumer._client.force_metadata_update()  # noqa: SLF001 - aiokafka has no public refresh
+        await consumer._client.force_metadata_update()
         await asyncio.sleep(0.1)
     raise LookupError(f"topic {topic} does not exist: run `rmo topics create`")
 

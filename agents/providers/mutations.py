@@ -29,8 +29,8 @@ import io
 import random
 import tokenize
 from bisect import bisect_left
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import pairwise
 
 MUTATION_KINDS = (

@@ -10,7 +10,15 @@ from redis.asyncio import Redis
 from streams.demo import humaneval_tasks
 from streams.keys import Keys
 from streams.projections import task_status
-from tests.integration.helpers import eventually, events, providers_file, sim, submit, wait_completed, worker
+from tests.integration.helpers import (
+    events,
+    eventually,
+    providers_file,
+    sim,
+    submit,
+    wait_completed,
+    worker,
+)
 
 pytestmark = pytest.mark.integration
 
