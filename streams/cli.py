@@ -31,7 +31,7 @@ from streams.client import EventProducer, read_topic
 from streams.config import Settings
 from streams.keys import Keys
 from streams.projections import task_status
-from streams.topics import create_topics, load_topics
+from streams.topics import load_topics
 
 app = typer.Typer(help="Fractal-RMO: event-sourced multi-agent LLM orchestration over Kafka and Redis.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -86,8 +86,18 @@ def schema(event_type: Annotated[str | None, typer.Argument(help="One event type
 def topics_create() -> None:
     """Create every topic of topics.yaml that does not exist yet (idempotent)."""
     with services() as s:
-        created = asyncio.run(create_topics(s.require_kafka(), _registry(s)))
+        created = asyncio.run(_prepare(s))
         typer.echo(f"created {len(created)} topic(s)" + (f": {', '.join(created)}" if created else ""))
+
+
+async def _prepare(s: Settings) -> list[str]:
+    from streams.pipeline import prepare_log
+
+    redis = redis_client(s)
+    try:
+        return await prepare_log(s, _registry(s), redis)
+    finally:
+        await redis.aclose()
 
 
 @topics_app.command("list")
@@ -179,7 +189,7 @@ def submit(file: Annotated[str, typer.Argument(help="JSONL file of tasks, or - f
 
 async def _submit(s: Settings, tasks: list[TaskSubmitted]) -> list:
     registry = _registry(s)
-    await create_topics(s.require_kafka(), registry)
+    await _prepare(s)
     async with EventProducer(s.require_kafka()) as producer:
         events = [make_event(t, producer="cli.submit") for t in tasks]
         return await producer.send_events(registry.name("tasks"), events)

@@ -33,8 +33,8 @@ from streams.client import EventProducer, read_topic
 from streams.config import Settings
 from streams.keys import Keys
 from streams.metrics import learned_policy
-from streams.pipeline import wait_caught_up
-from streams.topics import TopicRegistry, create_topics, load_topics
+from streams.pipeline import prepare_log, wait_caught_up
+from streams.topics import TopicRegistry, load_topics
 
 WORKER_READY_TIMEOUT_S = 60.0
 
@@ -223,9 +223,9 @@ def print_summary(summary: dict, console: Console) -> None:
 
 async def _run(settings: Settings, limit: int | None, as_json: bool, timeout_s: float) -> int:
     registry = load_topics(settings.namespace, settings.topics_file)
-    await create_topics(settings.require_kafka(), registry)
     keys = Keys(settings.namespace)
     redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    await prepare_log(settings, registry, redis)
     console = Console(stderr=True)
     proc = None
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from redis.asyncio import Redis
@@ -17,7 +18,9 @@ from streams.config import Settings
 from streams.keys import Keys
 from streams.projections import BreakerProjection
 from streams.stage import Consumer, ProjectionConsumer
-from streams.topics import TopicRegistry
+from streams.topics import TopicRegistry, create_topics
+
+log = logging.getLogger("rmo.pipeline")
 
 BREAKER_CONSUMER = ("executor.breaker", "calls")
 
@@ -65,3 +68,21 @@ async def wait_caught_up(settings: Settings, registry: TopicRegistry, redis: Red
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(0.2)
+
+
+async def prepare_log(settings: Settings, registry: TopicRegistry, redis: Redis) -> list[str]:
+    """Create the namespace's topics (idempotent) and return the names created.
+
+    A newly created tasks topic means the log is empty: any projection state Redis still holds
+    under this namespace was derived from another log (typically an embedded broker that has
+    been restarted, whose memory storage is gone) and would never match this one, so it is
+    deleted, with one warning naming the namespace.
+    """
+    created = await create_topics(settings.require_kafka(), registry)
+    if registry.name("tasks") in created:
+        stale = [key async for key in redis.scan_iter(Keys(settings.namespace).pattern(), count=1000)]
+        if stale:
+            await redis.delete(*stale)
+            log.warning("namespace %s held %d Redis keys of another log (the tasks topic is new); "
+                        "cleared them", settings.namespace, len(stale))
+    return created
