@@ -30,7 +30,7 @@ from agents.providers.base import (
     RateLimited,
     ServerError,
 )
-from agents.sandbox import arun_python
+from agents.sandbox import arun_python, resolve_mode
 from models.codec import make_event
 from models.events import (
     Candidate,
@@ -104,6 +104,8 @@ class ExecutorStage(Consumer):
         self.qcfg = qconfig(settings)
         self.bcfg = breaker_config(settings)
         self.previous: str | None = None
+        # candidates run on visible examples even when validation skips its sandbox (``off``)
+        self.sandbox_mode = resolve_mode(settings.sandbox)
 
     async def process(self, events: Sequence[Envelope], tx: Tx) -> None:
         k = tx.keys
@@ -252,8 +254,8 @@ class ExecutorStage(Consumer):
             raise err from None
         except ProviderError as err:
             self._failed(provider, n, err, cause, tx)
-            out.cost_usd += err.cost_usd or 0.0
-            out.tokens += (err.input_tokens or 0) + (err.output_tokens or 0)
+            out.cost_usd += err.cost_usd
+            out.tokens += err.input_tokens + err.output_tokens
             raise
         tx.emit("calls", make_event(ProviderCallCompleted(
             task_id=cause.payload.task_id, provider=provider.id, model=resp.model, attempt=n,
@@ -268,13 +270,9 @@ class ExecutorStage(Consumer):
     def _failed(self, provider: Provider, attempt: int, err: ProviderError, cause: Envelope, tx: Tx) -> None:
         tx.emit("calls", make_event(ProviderCallFailed(
             task_id=cause.payload.task_id, provider=provider.id, model=provider.model, attempt=attempt,
-            latency_ms=getattr(err, "latency_ms", 0.0) or 0.0,
-            input_tokens=getattr(err, "input_tokens", 0) or 0,
-            output_tokens=getattr(err, "output_tokens", 0) or 0,
-            cost_usd=getattr(err, "cost_usd", 0.0) or 0.0,
-            error_type=getattr(err, "error_type", type(err).__name__) or type(err).__name__,
-            http_status=getattr(err, "http_status", None),
-            retry_after_s=getattr(err, "retry_after_s", None), message=str(err)[:500],
+            latency_ms=err.latency_ms, input_tokens=err.input_tokens,
+            output_tokens=err.output_tokens, cost_usd=err.cost_usd, error_type=err.error_type,
+            http_status=err.http_status, retry_after_s=err.retry_after_s, message=str(err)[:500],
         ), producer=f"executor.provider.{provider.id}", cause=cause, attempt=attempt,
             discriminator=provider.id), key=provider.id)
 
@@ -299,8 +297,7 @@ class ExecutorStage(Consumer):
             if not v.parses:
                 return v
             res = await arun_python(behaviour_script(v.text, task.entry_point, examples),
-                                    timeout_s=5.0, cpu_s=5, mode=self.settings.sandbox
-                                    if self.settings.sandbox != "off" else "subprocess")
+                                    timeout_s=5.0, cpu_s=5, mode=self.sandbox_mode)
             line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
             try:
                 out = orjson.loads(line)

@@ -257,6 +257,13 @@ def default_mode() -> SandboxMode:
     return "subprocess"
 
 
+def resolve_mode(setting: str) -> SandboxMode:
+    """The mode a sandbox setting (``bwrap`` | ``subprocess`` | ``auto`` | ``off``) runs code
+    in: ``auto``, and ``off`` where code must run anyway, mean the strongest available
+    (:func:`default_mode`)."""
+    return setting if setting in ("bwrap", "subprocess") else default_mode()  # type: ignore[return-value]
+
+
 async def arun_python(
     script: str,
     *,

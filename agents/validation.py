@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from agents.sandbox import SandboxMode, SandboxResult, arun_python, default_mode
+from agents.sandbox import SandboxResult, arun_python, resolve_mode
 from models.events import ErrorCategory, ValidationLevel
 
 #: The levels in the order they run (SPEC §4).
@@ -480,7 +480,7 @@ async def _check_tests_and_performance(
             p.passed_level("tests", "no tests")
     if not with_tests or config.sandbox == "off" or not (run_tests or run_performance):
         return
-    mode: SandboxMode = default_mode() if config.sandbox == "auto" else config.sandbox
+    mode = resolve_mode(config.sandbox)
     semaphore = asyncio.Semaphore(config.max_concurrency)
 
     async def one(p: _Progress) -> None:
