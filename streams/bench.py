@@ -32,9 +32,9 @@ from agents.providers.registry import load_providers
 from models.codec import make_event
 from models.events import TaskSubmitted
 from streams import embedded
-from streams.client import EventProducer, read_topic
+from streams.client import EventProducer
 from streams.config import Settings
-from streams.demo import humaneval_tasks, spawn_worker, stop_worker
+from streams.demo import completions, humaneval_tasks, spawn_worker, stop_worker, submit_tasks
 from streams.keys import Keys
 from streams.pipeline import build_consumers, wait_caught_up
 from streams.replay import replay
@@ -69,23 +69,11 @@ async def measure_ingest(bootstrap: str, topic: str, tasks: list[TaskSubmitted])
 async def run_tasks(settings: Settings, tasks: list[TaskSubmitted]) -> tuple[float, list[float]]:
     """Submit ``tasks``, wait for every TaskCompleted; returns (tasks/s, latencies in ms)."""
     registry = load_topics(settings.namespace)
-    ids = {t.task_id for t in tasks}
-    async with EventProducer(settings.require_kafka()) as producer:
-        t0 = time.perf_counter()
-        acks = await producer.send_events(registry.name("tasks"),
-                                          [make_event(t, producer="bench") for t in tasks])
-    start: dict[int, int] = {}
-    for md in acks:
-        start[md.partition] = min(start.get(md.partition, md.offset), md.offset)
-    latencies: dict[str, float] = {}
-    async for r in read_topic(settings.require_kafka(), registry.name("tasks"), start=start, follow=True):
-        # plain orjson, no model validation: this process shares the 2 cores with the workers
-        e = orjson.loads(r.value)
-        if e["event_type"] == "TaskCompleted" and e["payload"]["task_id"] in ids:
-            latencies[e["payload"]["task_id"]] = e["payload"]["latency_ms"]
-            if len(latencies) == len(ids):
-                break
-    return len(ids) / (time.perf_counter() - t0), list(latencies.values())
+    t0 = time.perf_counter()
+    start = await submit_tasks(settings, registry, tasks, "bench")
+    latencies = [p["latency_ms"] async for p in
+                 completions(settings, registry, {t.task_id for t in tasks}, start)]
+    return len(tasks) / (time.perf_counter() - t0), latencies
 
 
 async def measure_baseline(bootstrap: str, prefix: str, n: int, partitions: int = 4) -> float:

@@ -114,15 +114,8 @@ def topics_list() -> None:
 def up() -> None:
     """Start an embedded Kafka (Tansu) and Redis in the background and record their
     addresses, so later `rmo` commands use them. `rmo down` stops them."""
-    running = embedded.read_up_state()
-    state_dir = embedded.state_file().parent
-    handles = list(running.values())
-    if "kafka" not in running:
-        handles.append(embedded.start_kafka(state_dir / "kafka.log"))
-    if "redis" not in running:
-        handles.append(embedded.start_redis(state_dir / "redis.log"))
-    embedded.write_up_state(handles)
-    for h in handles:
+    running, _ = embedded.bring_up("kafka", "redis")
+    for h in running.values():
         var = "KAFKA_BOOTSTRAP_SERVERS" if h.name == "kafka" else "REDIS_URL"
         typer.echo(f"{var}={h.address}  (pid {h.pid})")
     typer.echo(f"state: {embedded.state_file()}")

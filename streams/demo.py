@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,25 +54,16 @@ def humaneval_tasks(limit: int | None = None) -> list[TaskSubmitted]:
 def persistent_services(settings: Settings) -> Settings:
     """Resolve Kafka and Redis; start missing ones *kept running* and recorded like `rmo up`
     (so `rmo replay`, `rmo status` ... work after the demo; `rmo down` stops them)."""
-    running = embedded.read_up_state()
-    started: list[embedded.ServiceHandle] = []
-    bootstrap = settings.kafka_bootstrap_servers
-    if not bootstrap:
-        if "kafka" not in running:
-            running["kafka"] = embedded.start_kafka(embedded.state_file().parent / "kafka.log")
-            started.append(running["kafka"])
-        bootstrap = running["kafka"].address
-    redis_url = settings.redis_url
-    if not embedded.redis_reachable(redis_url):
-        if "redis" not in running:
-            running["redis"] = embedded.start_redis(embedded.state_file().parent / "redis.log")
-            started.append(running["redis"])
-        redis_url = running["redis"].address
-    if started:
-        embedded.write_up_state(list(running.values()))
-        for h in started:
-            print(f"started {h.name} at {h.address} (kept running; `rmo down` stops it)", file=sys.stderr)
-    return settings.model_copy(update={"kafka_bootstrap_servers": bootstrap, "redis_url": redis_url})
+    missing = [name for name, present in (("kafka", bool(settings.kafka_bootstrap_servers)),
+                                          ("redis", embedded.redis_reachable(settings.redis_url)))
+               if not present]
+    running, started = embedded.bring_up(*missing)
+    for h in started:
+        print(f"started {h.name} at {h.address} (kept running; `rmo down` stops it)", file=sys.stderr)
+    update = {"kafka_bootstrap_servers": running["kafka"].address} if "kafka" in missing else {}
+    if "redis" in missing:
+        update["redis_url"] = running["redis"].address
+    return settings.model_copy(update=update)
 
 
 def spawn_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
@@ -115,29 +107,53 @@ class RunTally:
     trips: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
+async def submit_tasks(settings: Settings, registry: TopicRegistry, tasks: list[TaskSubmitted],
+                       producer: str) -> dict[int, int]:
+    """Produce one TaskSubmitted per task; returns partition -> first offset written, where
+    the tasks' completions (keyed by task id, so on the same partitions) can start."""
+    async with EventProducer(settings.require_kafka()) as p:
+        acks = await p.send_events(registry.name("tasks"),
+                                   [make_event(t, producer=producer) for t in tasks])
+    start: dict[int, int] = {}
+    for md in acks:
+        start[md.partition] = min(start.get(md.partition, md.offset), md.offset)
+    return start
+
+
+async def completions(settings: Settings, registry: TopicRegistry, ids: set[str],
+                      start: dict[int, int]) -> AsyncIterator[dict]:
+    """Each ``TaskCompleted`` payload (a dict) of ``ids``, once per task, until all arrived.
+
+    Plain orjson, no model validation: the bench runs this beside the workers it measures."""
+    seen: set[str] = set()
+    async for r in read_topic(settings.require_kafka(), registry.name("tasks"), start=start,
+                              follow=True):
+        try:
+            e = orjson.loads(r.value)
+            payload, kind = e["payload"], e["event_type"]
+        except (orjson.JSONDecodeError, TypeError, KeyError):
+            continue
+        if kind == "TaskCompleted" and payload.get("task_id") in ids and payload["task_id"] not in seen:
+            seen.add(payload["task_id"])
+            yield payload
+            if len(seen) == len(ids):
+                return
+
+
 async def wait_completed(settings: Settings, registry: TopicRegistry, ids: set[str],
-                         start: dict[int, int], timeout_s: float, quiet: bool) -> dict[str, dict]:
-    """Follow the tasks topic from this run's first offsets until every id has a TaskCompleted."""
+                         start: dict[int, int], timeout_s: float) -> dict[str, dict]:
+    """Follow this run's completions with a progress bar until every id has one."""
     done: dict[str, dict] = {}
-    console = Console(stderr=True)
     with Progress(TextColumn("[bold]HumanEval"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("passed {task.fields[passed]}"), TimeElapsedColumn(),
-                  console=console, disable=quiet, transient=False) as bar:
+                  console=Console(stderr=True)) as bar:
         job = bar.add_task("tasks", total=len(ids), passed=0)
 
         async def follow() -> None:
-            async for r in read_topic(settings.require_kafka(), registry.name("tasks"),
-                                      start=start, follow=True):
-                try:
-                    e = decode(r.value)
-                except CodecError:
-                    continue
-                if e.event_type == "TaskCompleted" and e.payload.task_id in ids:
-                    done[e.payload.task_id] = e.payload.model_dump()
-                    bar.update(job, completed=len(done),
-                               passed=sum(d["status"] == "passed" for d in done.values()))
-                    if len(done) == len(ids):
-                        return
+            async for payload in completions(settings, registry, ids, start):
+                done[payload["task_id"]] = payload
+                bar.update(job, completed=len(done),
+                           passed=sum(d["status"] == "passed" for d in done.values()))
 
         await asyncio.wait_for(follow(), timeout_s)
     return done
@@ -240,13 +256,8 @@ async def _run(settings: Settings, limit: int | None, as_json: bool, timeout_s: 
         ids = {t.task_id for t in tasks}
         since = datetime.now(UTC)
         started = time.monotonic()
-        async with EventProducer(settings.require_kafka()) as producer:
-            acks = await producer.send_events(registry.name("tasks"),
-                                              [make_event(t, producer="demo") for t in tasks])
-        start: dict[int, int] = {}
-        for md in acks:
-            start[md.partition] = min(start.get(md.partition, md.offset), md.offset)
-        done = await wait_completed(settings, registry, ids, start, timeout_s, quiet=False)
+        start = await submit_tasks(settings, registry, tasks, "demo")
+        done = await wait_completed(settings, registry, ids, start, timeout_s)
         elapsed = time.monotonic() - started
         # the worker stops after this run: let every projection apply the last events first
         if not await wait_caught_up(settings, registry, redis):

@@ -609,3 +609,23 @@ def _redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
+
+
+def bring_up(*names: str) -> tuple[dict[str, ServiceHandle], list[ServiceHandle]]:
+    """What ``rmo up`` does, for the named services (``"kafka"``, ``"redis"``): reuse the
+    ones a previous ``rmo up`` left running, start the others in the background (logs in the
+    state directory) and record them all in the state file.
+
+    Returns (running services by name, those started by this call).
+    """
+    running = read_up_state()
+    started = [
+        start(state_file().parent / f"{name}.log")
+        for name, start in (("kafka", start_kafka), ("redis", start_redis))
+        if name in names and name not in running
+    ]
+    running.update({h.name: h for h in started})
+    if started:
+        write_up_state(list(running.values()))
+    return running, started
+
