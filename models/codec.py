@@ -64,15 +64,6 @@ def decode(value: bytes | None, max_bytes: int | None = MAX_VALUE_BYTES) -> Enve
         raise CodecError("schema", _short(exc)) from None
 
 
-def peek_event_type(value: bytes | None) -> str | None:
-    """The ``event_type`` of a record without validating it (None when unreadable)."""
-    try:
-        raw = orjson.loads(value) if value is not None else None
-    except orjson.JSONDecodeError:
-        return None
-    return raw.get("event_type") if isinstance(raw, dict) else None
-
-
 def _short(exc: ValidationError) -> str:
     errs = exc.errors()[:3]
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs)

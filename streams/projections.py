@@ -194,9 +194,11 @@ class QTableProjection:
         k = tx.keys
         pipe = tx.redis.pipeline(transaction=False)
         pipe.hget(k.qmeta, "updates")
-        for e in rewards:
+        live = tx.ctx.mode == "live"  # submit times only feed TaskCompleted, which replay drops
+        for e in rewards if live else ():
             pipe.hget(k.task(e.payload.task_id), "submitted_at")
         updates_raw, *submitted = await pipe.execute()
+        submitted = submitted or [None] * len(rewards)
         updates = int(updates_raw or 0)
         if self._cache is not None and self._cache[0] == updates:
             _, q, experience = self._cache
