@@ -52,22 +52,34 @@ async def wait_caught_up(settings: Settings, registry: TopicRegistry, redis: Red
                          timeout_s: float = 60.0) -> bool:
     """Wait until every consumer's checkpoint reached its source topic's high watermark (from
     a fetch response), i.e. every projection applied everything in the log. Returns False on
-    timeout. Call it once producers are quiet: a busy pipeline keeps moving the watermarks."""
+    timeout. Call it once producers are quiet: a busy pipeline keeps moving the watermarks.
+
+    Watermarks are read again only once the checkpoints reached the last ones read (catching
+    up produces downstream events); equal twice in a row means done.
+    """
     keys = Keys(settings.namespace)
     deadline = time.monotonic() + timeout_s
-    while True:
-        behind = False
+
+    async def watermarks() -> dict[str, int]:
+        out = {}
         for name, role in SOURCES:
             topic = registry.name(role)
             for partition, hw in (await high_watermarks(settings.require_kafka(), topic)).items():
-                mark = await redis.get(keys.checkpoint(name, topic, partition))
-                if hw > 0 and (mark is None or int(mark) < hw - 1):
-                    behind = True
-        if not behind:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.2)
+                if hw > 0:
+                    out[keys.checkpoint(name, topic, partition)] = hw
+        return out
+
+    target = await watermarks()
+    while time.monotonic() < deadline:
+        marks = await redis.mget(list(target)) if target else []
+        if all(m is not None and int(m) >= hw - 1 for m, hw in zip(marks, target.values())):
+            latest = await watermarks()
+            if latest == target:
+                return True
+            target = latest
+            continue
+        await asyncio.sleep(0.1)
+    return False
 
 
 async def prepare_log(settings: Settings, registry: TopicRegistry, redis: Redis) -> list[str]:

@@ -105,6 +105,9 @@ async def test_sigkill_three_times_no_reward_applied_twice_none_lost(
         settings, topics, tmp_path: Path, monkeypatch) -> None:
     # one provider per action: no multi-provider consensus (it runs candidates in a subprocess)
     monkeypatch.setenv("RMO_STRATEGIES", '["single"]')
+    # small batches: progress moves in steps of at most 100 tasks, so no single batch can
+    # jump over a kill point and finish the run before the third kill
+    monkeypatch.setenv("RMO_BATCH_MAX", "100")
     pfile = providers_file(tmp_path, PROVIDERS)
     s = settings.model_copy(update={"providers_file": pfile, "sandbox": "off",
                                     "validator_levels": ("syntax",), "seed": SEED})
