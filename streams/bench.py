@@ -1,7 +1,8 @@
 """`rmo bench`: throughput and latency figures (a benchmark, not a test).
 
-Runs on a fresh embedded Tansu (so figures do not depend on what else a broker holds) and the
-configured Redis in a throw-away namespace:
+Runs on a fresh embedded Tansu (so figures do not depend on what else a broker holds), or on
+the broker ``KAFKA_BOOTSTRAP_SERVERS`` names, and the Redis :mod:`streams.locate` resolves, in a
+throw-away namespace:
 1. ingest: TaskSubmitted events/s produced the way `rmo submit` does;
 2. end to end: tasks/s through analyzer -> executor -> validator -> learning with ``workers``
    worker processes (default 2: one per core),
@@ -31,7 +32,7 @@ from redis.asyncio import Redis
 from agents.providers.registry import load_providers
 from models.codec import make_event
 from models.events import TaskSubmitted
-from streams import embedded
+from streams import embedded, locate
 from streams.client import EventProducer
 from streams.config import Settings
 from streams.demo import completions, humaneval_tasks, spawn_worker, stop_worker, submit_tasks
@@ -127,22 +128,21 @@ async def measure_baseline(bootstrap: str, prefix: str, n: int, partitions: int 
 
 
 async def _bench(n: int, workers: int, log: Path) -> dict:
-    kafka = embedded.start_kafka()
-    redis_url = Settings().redis_url
-    redis_handle = None
-    if not embedded.redis_reachable(redis_url):
-        redis_handle = embedded.start_redis()
-        redis_url = redis_handle.address
+    env = Settings()
+    # a fresh broker unless the user named one, so figures do not depend on what a broker holds
+    kafka = None if env.kafka_bootstrap_servers else embedded.start_kafka()
+    found = locate.locate(env.kafka_bootstrap_servers or kafka.address, env.redis_url)
+    bootstrap, redis_url = found.bootstrap, found.redis_url
     ns = f"bench{secrets.token_hex(3)}"
     providers = Path(tempfile.mkdtemp()) / "instant.yaml"
     providers.write_text(INSTANT_PROVIDER)
-    settings = Settings(namespace=ns, kafka_bootstrap_servers=kafka.address, redis_url=redis_url,
+    settings = Settings(namespace=ns, kafka_bootstrap_servers=bootstrap, redis_url=redis_url,
                         sandbox="off", validator_levels=("syntax",), providers_file=providers)
     procs = []
     redis = Redis.from_url(redis_url, decode_responses=True)
     try:
-        ingest = await measure_ingest(kafka.address, f"{ns}.ingest", bench_tasks(n, "ingest"))
-        await create_topics(kafka.address, load_topics(ns))
+        ingest = await measure_ingest(bootstrap, f"{ns}.ingest", bench_tasks(n, "ingest"))
+        await create_topics(bootstrap, load_topics(ns))
         procs = [spawn_worker(settings, log) for _ in range(workers)]
         await run_tasks(settings, bench_tasks(WARMUP_TASKS, "warmup"))
         tps, lat = await run_tasks(settings, bench_tasks(n, "run"))
@@ -152,7 +152,7 @@ async def _bench(n: int, workers: int, log: Path) -> dict:
         procs = []
         rebuilt = await replay(settings, load_topics(ns), build_consumers(settings, load_providers(providers)),
                                redis, f"{ns}-replay")
-        baseline = await measure_baseline(kafka.address, f"{ns}.raw", n)
+        baseline = await measure_baseline(bootstrap, f"{ns}.raw", n)
         q = statistics.quantiles(lat, n=100)
         return {"tasks": n, "ingest_events_per_s": round(ingest, 1), "tasks_per_s": round(tps, 1),
                 "p50_ms": round(statistics.median(lat), 2), "p99_ms": round(q[98], 2),
@@ -166,9 +166,8 @@ async def _bench(n: int, workers: int, log: Path) -> dict:
             async for key in redis.scan_iter(Keys(space).pattern(), count=1000):
                 await redis.delete(key)
         await redis.aclose()
-        kafka.stop()
-        if redis_handle:
-            redis_handle.stop()
+        for handle in [*found.temporary, *([kafka] if kafka else [])]:
+            handle.stop()
 
 
 def run_bench(*, tasks: int, workers: int, as_json: bool) -> int:

@@ -20,8 +20,9 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str | None = Field(
         default=None, validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "RMO_KAFKA")
     )
-    redis_url: str = Field(
-        default="redis://127.0.0.1:6379/0", validation_alias=AliasChoices("REDIS_URL", "RMO_REDIS_URL")
+    # None until resolved (streams.locate): unset means rmo up's, the local or an embedded one
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "RMO_REDIS_URL")
     )
     topics_file: Path | None = None
     providers_file: Path | None = None
@@ -42,6 +43,8 @@ class Settings(BaseSettings):
     breaker_half_open_max_calls: int = 2
 
     # validator
+    # untrusted code: bwrap/auto refuse to start without bwrap, subprocess opts into reduced
+    # isolation, off runs none (agents.sandbox.resolve_mode)
     sandbox: str = Field(default="bwrap", pattern=r"^(bwrap|subprocess|auto|off)$")
     validator_levels: tuple[str, ...] = ("syntax", "static", "security", "tests", "performance")
     validator_concurrency: int = 4
@@ -63,3 +66,9 @@ class Settings(BaseSettings):
         if not self.kafka_bootstrap_servers:
             raise ValueError("no Kafka broker: set KAFKA_BOOTSTRAP_SERVERS or run `rmo up`")
         return self.kafka_bootstrap_servers
+
+    def require_redis(self) -> str:
+        """The Redis URL, or a ValueError naming the fix when none is resolved."""
+        if not self.redis_url:
+            raise ValueError("no Redis: set REDIS_URL or run `rmo up`")
+        return self.redis_url

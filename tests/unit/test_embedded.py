@@ -1,12 +1,8 @@
-"""Embedded Tansu / redis-server lifecycle, probes, `rmo up` state and service resolution."""
+"""Embedded Tansu / redis-server lifecycle and probes (resolution: test_locate.py)."""
 
 from __future__ import annotations
 
-import json
-import os
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,15 +13,10 @@ from streams import embedded
 from streams.embedded import (
     EmbeddedServiceError,
     ServiceHandle,
-    clear_up_state,
     kafka_reachable,
-    read_up_state,
     redis_reachable,
-    resolve_services,
     start_kafka,
     start_redis,
-    state_file,
-    write_up_state,
 )
 
 
@@ -34,13 +25,6 @@ def kafka() -> Iterator[ServiceHandle]:
     handle = start_kafka()
     yield handle
     handle.stop()
-
-
-@pytest.fixture(autouse=True)
-def state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    # Never touch the developer's real `rmo up` state.
-    monkeypatch.setenv("RMO_STATE_DIR", str(tmp_path / "state"))
-    return tmp_path / "state"
 
 
 def _port_open(port: int) -> bool:
@@ -55,12 +39,6 @@ def _assert_stopped(handle: ServiceHandle) -> None:
     assert not _port_open(handle.port)
     assert not Path(f"/proc/{handle.pid}").exists()
     assert not handle.is_running()
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 async def test_kafka_produce_consume_roundtrip(kafka: ServiceHandle) -> None:
@@ -121,77 +99,6 @@ def test_kafka_reachable_rejects_non_kafka_peer(tmp_path: Path) -> None:
     finally:
         redis_handle.stop()
     assert not kafka_reachable(f"127.0.0.1:{redis_handle.port}", timeout_s=0.5)
-
-
-def test_up_state_write_read_clear(kafka: ServiceHandle, state_dir: Path,
-                                   tmp_path: Path) -> None:
-    redis_handle = start_redis(tmp_path / "redis.log")
-    try:
-        path = write_up_state([kafka, redis_handle])
-        assert path == state_file() == state_dir / "up.json"
-        assert set(json.loads(path.read_text())) == {"kafka", "redis"}
-
-        found = read_up_state()
-        assert {name: h.address for name, h in found.items()} == {
-            "kafka": kafka.address, "redis": redis_handle.address}
-        assert found["redis"].pid == redis_handle.pid
-
-        # A handle rebuilt from the state file (pid only) stops the real process.
-        found["redis"].stop()
-        _assert_stopped(redis_handle)
-        assert set(read_up_state()) == {"kafka"}
-    finally:
-        redis_handle.stop()
-    clear_up_state()
-    assert not path.exists()
-    assert read_up_state() == {}
-    clear_up_state()  # no error when already gone
-
-
-def test_read_up_state_ignores_dead_and_recycled_pids(kafka: ServiceHandle) -> None:
-    dead = ServiceHandle("redis", "redis://127.0.0.1:1/0", _dead_pid(), "/usr/bin/redis-server",
-                         1)
-    # Our own pid posing as the broker: a recycled pid must never be signalled.
-    recycled = ServiceHandle("kafka", kafka.address, os.getpid(), kafka.executable,
-                             kafka.port)
-    write_up_state([dead, recycled])
-    assert read_up_state() == {}
-    assert read_up_state(check_service=False) == {}
-    recycled.stop()  # would SIGTERM the test run if the cmdline check failed
-    dead.stop()
-
-
-def test_read_up_state_tolerates_garbage(state_dir: Path) -> None:
-    state_dir.mkdir(parents=True)
-    state_file().write_text("{not json")
-    assert read_up_state() == {}
-    state_file().write_text(json.dumps({"kafka": {"pid": "x"}, "redis": "nope"}))
-    assert read_up_state() == {}
-    state_file().write_text("[]")
-    assert read_up_state() == {}
-
-
-def test_resolve_services_uses_env_and_starts_redis() -> None:
-    bootstrap, redis_url, started = resolve_services("broker.example:9092",
-                                                     "redis://127.0.0.1:1/0")
-    try:
-        assert bootstrap == "broker.example:9092"
-        assert [h.name for h in started] == ["redis"]
-        assert redis_url == started[0].address
-        assert redis_reachable(redis_url)
-    finally:
-        for handle in started:
-            handle.stop()
-
-
-def test_resolve_services_reuses_up_state(kafka: ServiceHandle, tmp_path: Path) -> None:
-    redis_handle = start_redis(tmp_path / "redis.log")
-    try:
-        write_up_state([kafka, redis_handle])
-        bootstrap, redis_url, started = resolve_services(None, "redis://127.0.0.1:1/0")
-        assert (bootstrap, redis_url, started) == (kafka.address, redis_handle.address, [])
-    finally:
-        redis_handle.stop()
 
 
 def test_start_failure_reports_log_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
