@@ -95,7 +95,11 @@ class ExecutorStage(Consumer):
     def __init__(self, providers: dict[str, Provider], settings: Settings, max_attempts: int = 2,
                  forced_actions: dict[str, str] | None = None) -> None:
         """``forced_actions`` (task id -> action name) replaces the policy for those tasks:
-        re-execution replays the recorded decision instead of deciding again."""
+        re-execution replays the recorded decision instead of deciding again.
+
+        Building the stage does not check ``settings.sandbox``: replay builds stages it never
+        runs. Whoever runs it checks first (:func:`agents.sandbox.resolve_mode` at worker
+        start-up)."""
         self.forced_actions = forced_actions or {}
         self.providers = providers
         self.settings = settings
@@ -104,8 +108,6 @@ class ExecutorStage(Consumer):
         self.qcfg = qconfig(settings)
         self.bcfg = breaker_config(settings)
         self.previous: str | None = None
-        # candidates run on visible examples even when validation skips its sandbox (``off``)
-        self.sandbox_mode = resolve_mode(settings.sandbox)
 
     async def process(self, events: Sequence[Envelope], tx: Tx) -> None:
         k = tx.keys
@@ -288,7 +290,16 @@ class ExecutorStage(Consumer):
 
     async def _with_behaviour(self, views: list[CandidateView], task) -> list[CandidateView]:
         """Run each parsing candidate on the prompt's visible examples in the sandbox; the
-        outputs are the behaviour signature consensus groups by."""
+        outputs are the behaviour signature consensus groups by.
+
+        The sandbox is the one ``settings.sandbox`` names (:func:`agents.sandbox.resolve_mode`,
+        decided at worker start-up). Under ``off`` no candidate runs: the views keep no
+        signature and unknown ``passes_examples``, so consensus groups candidates by their
+        normalised text and ranks them on parsing alone.
+        """
+        mode = resolve_mode(self.settings.sandbox)
+        if mode is None:
+            return views
         examples = extract_examples(task.prompt, task.entry_point)
         if not examples:
             return views
@@ -297,7 +308,7 @@ class ExecutorStage(Consumer):
             if not v.parses:
                 return v
             res = await arun_python(behaviour_script(v.text, task.entry_point, examples),
-                                    timeout_s=5.0, cpu_s=5, mode=self.sandbox_mode)
+                                    timeout_s=5.0, cpu_s=5, mode=mode)
             line = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
             try:
                 out = orjson.loads(line)

@@ -17,6 +17,12 @@ Two modes:
     and wall timeout, but no namespaces: the code can read and write the host's files and
     use the network. A loud warning is emitted once per process when this mode is used.
 
+The setting (``RMO_SANDBOX``, :data:`SandboxSetting`) is turned into a mode by
+:func:`resolve_mode`, once per process, at worker start-up: ``bwrap`` and ``auto`` run bwrap
+and refuse (:class:`SandboxUnavailable`) where it is missing or cannot create its namespaces,
+never falling back; ``subprocess`` is the explicit opt-in to the reduced isolation above;
+``off`` runs no untrusted code at all.
+
 Both modes set RLIMIT_CPU (``cpu_s``; the kernel SIGKILLs the child there), RLIMIT_AS
 (``memory_mb`` MiB of address space), RLIMIT_FSIZE and RLIMIT_CORE=0 through util-linux
 ``prlimit`` (rather than a ``preexec_fn``, which is unsafe in a threaded parent), run the
@@ -55,11 +61,13 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 log = logging.getLogger("rmo.sandbox")
 
 SandboxMode = Literal["bwrap", "subprocess"]
+#: What ``RMO_SANDBOX`` may say; :func:`resolve_mode` turns it into a :data:`SandboxMode`.
+SandboxSetting = Literal["bwrap", "subprocess", "auto", "off"]
 
 #: Cap on each of stdout and stderr kept per run, in bytes (head 3/4, tail 1/4).
 OUTPUT_CAP_BYTES = 64 * 1024
@@ -75,8 +83,10 @@ _DRAIN_S = 1.0
 _NOBODY = 65534
 
 
-class SandboxUnavailable(RuntimeError):
-    """The requested sandbox mode cannot run on this machine (e.g. no ``bwrap``/``prlimit``)."""
+class SandboxUnavailable(ValueError):
+    """The requested sandbox cannot run on this machine (no ``bwrap``, a bwrap that cannot
+    create its namespaces, no ``prlimit``): a configuration error, whose message is one line
+    naming the setting and the fix when :func:`resolve_mode` raises it."""
 
 
 @dataclass(frozen=True)
@@ -232,13 +242,18 @@ def _warn_reduced_isolation() -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
+#: The fix offered wherever bwrap cannot run: the opt-in, with what it gives away.
+_OPT_IN = ("or set RMO_SANDBOX=subprocess to accept reduced isolation (test code then runs as "
+           "a plain rlimited subprocess that can write host files and reach the network)")
+
+
 @functools.cache
-def default_mode() -> SandboxMode:
-    """``"bwrap"`` if a bwrap sandbox actually starts here, else ``"subprocess"`` (warned).
+def bwrap_problem() -> str | None:
+    """Why a bwrap sandbox cannot run here, in one line; ``None`` when it can.
 
     The probe runs the full sandbox command line (namespaces, binds, rlimits) on ``pass``
-    once per process and caches the answer; a failure is logged with bwrap's stderr. It
-    blocks for one run (about 20 ms), so it may be called from a coroutine too.
+    once per process and caches the answer. It blocks for one run (about 20 ms), so it may be
+    called from a coroutine too.
     """
     try:
         with _staged_script("pass", "bwrap") as (argv, _, _, pass_fds):
@@ -246,22 +261,58 @@ def default_mode() -> SandboxMode:
                 _prlimit_argv(10, 512) + argv, stdin=subprocess.DEVNULL, capture_output=True,
                 pass_fds=pass_fds, timeout=10, check=False,
             )
-    except (SandboxUnavailable, subprocess.TimeoutExpired) as exc:
-        log.warning("bwrap sandbox unavailable: %s", exc)
-    else:
-        if probe.returncode == 0:
-            return "bwrap"
-        log.warning("bwrap sandbox probe failed (status %s): %s", probe.returncode,
-                    probe.stderr.decode(errors="replace").strip()[-500:])
-    _warn_reduced_isolation()
-    return "subprocess"
+    except SandboxUnavailable as exc:
+        return str(exc)
+    except subprocess.TimeoutExpired:
+        return "the bwrap probe did not finish within 10 s"
+    if probe.returncode == 0:
+        return None
+    stderr = " ".join(probe.stderr.decode(errors="replace").split())[-300:]
+    return f"bwrap cannot create a sandbox here (status {probe.returncode}: {stderr})"
 
 
-def resolve_mode(setting: str) -> SandboxMode:
-    """The mode a sandbox setting (``bwrap`` | ``subprocess`` | ``auto`` | ``off``) runs code
-    in: ``auto``, and ``off`` where code must run anyway, mean the strongest available
-    (:func:`default_mode`)."""
-    return setting if setting in ("bwrap", "subprocess") else default_mode()  # type: ignore[return-value]
+@functools.cache
+def resolve_mode(setting: str) -> SandboxMode | None:
+    """The mode untrusted code runs in under a sandbox setting (``RMO_SANDBOX``), or ``None``
+    for ``off``: run no candidate code at all (the validator skips its tests and performance
+    levels, the executor does not run candidates on the prompt's visible examples).
+
+    ``bwrap`` and ``auto`` (synonyms: neither falls back): ``"bwrap"`` when
+    the sandbox starts here (:func:`bwrap_problem`), else :class:`SandboxUnavailable`.
+    ``subprocess``: the explicit opt-in to reduced isolation, warned loudly (once per
+    process). Both running modes also need util-linux ``prlimit``.
+
+    Call it once at start-up, so that a machine that cannot honour the setting refuses to
+    start instead of failing task after task; the answer (not an error) is cached per
+    process and setting, so later calls from the stages return the start-up decision.
+    Raises :class:`SandboxUnavailable` (one-line message naming the setting and the fix) and
+    ``ValueError`` for an unknown setting.
+    """
+    if setting not in get_args(SandboxSetting):
+        raise ValueError(f"unknown sandbox setting {setting!r}; known: {get_args(SandboxSetting)}")
+    if setting == "off":
+        return None
+    if shutil.which("prlimit") is None:
+        raise SandboxUnavailable(
+            f"RMO_SANDBOX={setting}: util-linux `prlimit` is not installed, so test code cannot "
+            "be rlimited; install util-linux, or set RMO_SANDBOX=off to run no candidate code"
+        )
+    if setting == "subprocess":
+        _warn_reduced_isolation()
+        return "subprocess"
+    if shutil.which("bwrap") is None:
+        raise SandboxUnavailable(
+            f"RMO_SANDBOX={setting}: bwrap is not installed, so untrusted test code cannot be "
+            "sandboxed; install it (`apt-get install bubblewrap`, or `bash scripts/setup.sh` "
+            f"as root), {_OPT_IN}"
+        )
+    problem = bwrap_problem()
+    if problem is not None:
+        raise SandboxUnavailable(
+            f"RMO_SANDBOX={setting}: {problem}; allow unprivileged user namespaces "
+            f"(docker-compose.yml shows how for a container), {_OPT_IN}"
+        )
+    return "bwrap"
 
 
 async def arun_python(

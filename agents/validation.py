@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from agents.sandbox import SandboxResult, arun_python, resolve_mode
+from agents.sandbox import SandboxResult, SandboxSetting, arun_python, resolve_mode
 from models.events import ErrorCategory, ValidationLevel
 
 #: The levels in the order they run (SPEC §4).
@@ -56,7 +56,6 @@ _RECORDER = "__rmo_record"
 _MESSAGE_CAP = 500
 
 Severity = Literal["LOW", "MEDIUM", "HIGH"]
-SandboxSetting = Literal["bwrap", "subprocess", "auto", "off"]
 
 
 class ValidatorToolError(RuntimeError):
@@ -119,14 +118,15 @@ class ValidatorConfig:
     """Which levels run and how the tests are sandboxed.
 
     ``levels``: names from :data:`LEVELS` to run (they always run in :data:`LEVELS` order).
-    ``sandbox``: ``"bwrap"`` | ``"subprocess"`` (reduced isolation, warned) | ``"auto"``
-    (:func:`agents.sandbox.default_mode`) | ``"off"`` (skips tests and performance, for
-    benchmarks). ``timeout_s``: wall timeout per test run in s; ``cpu_s``: RLIMIT_CPU in s;
-    ``memory_mb``: RLIMIT_AS in MiB; ``max_concurrency``: sandboxes in flight.
-    ``ruff_select``: the static level's ruff rules. ``bandit_severity``: the lowest bandit
-    severity that fails the security level (SPEC: HIGH); ``bandit_skip``: bandit test ids
-    not run (:data:`BANDIT_SKIP`). Raises ``ValueError`` on an
-    unknown level, sandbox or severity.
+    ``sandbox``: ``"bwrap"`` or ``"auto"`` (the bwrap sandbox; :func:`validate_batch`
+    raises where it cannot run, never falling back) | ``"subprocess"`` (opted-in reduced
+    isolation, warned) | ``"off"`` (runs no candidate code: tests and performance are
+    skipped, for benchmarks), see :func:`agents.sandbox.resolve_mode`. ``timeout_s``: wall
+    timeout per test run in s; ``cpu_s``: RLIMIT_CPU in s; ``memory_mb``: RLIMIT_AS in MiB;
+    ``max_concurrency``: sandboxes in flight. ``ruff_select``: the static level's ruff rules.
+    ``bandit_severity``: the lowest bandit severity that fails the security level (SPEC:
+    HIGH); ``bandit_skip``: bandit test ids not run (:data:`BANDIT_SKIP`). Raises
+    ``ValueError`` on an unknown level, sandbox or severity.
     """
 
     levels: tuple[str, ...] = LEVELS
@@ -170,7 +170,10 @@ class _Progress:
         self.levels.append(ValidationLevel(level=level, passed=True, details=details))
 
     def failed_level(self, level: str, details: str, failures: list[ValidationFailure]) -> None:
-        self.levels.append(ValidationLevel(level=level, passed=False, details=details))
+        first = failures[0] if failures else None
+        self.levels.append(ValidationLevel(level=level, passed=False, details=details,
+                                           error_type=first.error_type if first else None,
+                                           message=first.message if first else ""))
         self.failures = failures[:MAX_FAILURES_PER_LEVEL]
         self.done_at = time.perf_counter()
 
@@ -478,9 +481,11 @@ async def _check_tests_and_performance(
             with_tests.append(p)
         elif run_tests:
             p.passed_level("tests", "no tests")
-    if not with_tests or config.sandbox == "off" or not (run_tests or run_performance):
+    if not with_tests or not (run_tests or run_performance):
         return
     mode = resolve_mode(config.sandbox)
+    if mode is None:  # "off": nothing runs candidate code
+        return
     semaphore = asyncio.Semaphore(config.max_concurrency)
 
     async def one(p: _Progress) -> None:

