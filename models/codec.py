@@ -61,12 +61,29 @@ def decode(value: bytes | None, max_bytes: int | None = MAX_VALUE_BYTES) -> Enve
     try:
         return _ADAPTER.validate_python(raw)
     except ValidationError as exc:
-        raise CodecError("schema", _short(exc)) from None
+        raise CodecError("schema", describe_validation(exc)) from None
 
 
-def _short(exc: ValidationError) -> str:
-    errs = exc.errors()[:3]
-    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs)
+def describe_validation(exc: ValidationError, limit: int = 3) -> str:
+    """A pydantic error as one line: ``field 'payload.kind': input should be 'code' or 'text'
+    (got 'sql'); field 'payload.prompt': required, missing`` (the first ``limit`` problems;
+    discriminated-union tags such as ``TaskSubmitted`` are left out of the path)."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in EVENT_TYPES))
+        if err["type"] == "missing":
+            message = "required, missing"
+        elif err["type"] == "extra_forbidden":
+            message = "unknown field"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            message = message[:1].lower() + message[1:]
+            shown = f"{err.get('input')!r:.60}"
+            if not isinstance(err.get("input"), dict | list) and shown not in message:
+                message += f" (got {shown})"
+        parts.append(f"field '{loc}': {message}" if loc else message)
+    more = len(exc.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
 def derive_event_id(causation_id: str, producer: str, attempt: int = 0, discriminator: str = "") -> str:

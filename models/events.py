@@ -142,9 +142,16 @@ class TaskExecuted(Frozen):
 
 
 class ValidationLevel(Frozen):
+    """One validator level's verdict. ``details`` summarizes the level (e.g. "1/7 asserts
+    passed"); on a failed level ``error_type`` and ``message`` carry its first failure (e.g.
+    ``"AssertionError"``, ``"test line 12: assert candidate(3) == 4"``), so a reader of this
+    event alone can tell why the task failed."""
+
     level: str
     passed: bool
     details: str = ""
+    error_type: str | None = None
+    message: str = ""
 
 
 class TaskValidated(Frozen):

@@ -22,10 +22,14 @@ import orjson
 from agents import qlearning
 from agents.breaker import BreakerConfig, BreakerState, apply_outcome
 from models.codec import make_event
-from models.events import BreakerTransitioned, Envelope, RewardComputed, TaskCompleted
+from models.events import BreakerTransitioned, Envelope, ProviderCall, RewardComputed, TaskCompleted
 from streams.stage import Tx
 
 MICRO = 1_000_000
+ANSWER_MAX_CHARS = 20_000
+"""Characters of the chosen answer kept in the task hash (``answer_chars`` has its full length)."""
+MESSAGE_MAX_CHARS = 500
+"""Characters kept of a failure message (validator failure, dead-letter reason)."""
 
 
 def micro_usd(usd: float) -> int:
@@ -39,6 +43,21 @@ def epoch_ms(t: datetime) -> int:
 class TaskStatusProjection:
     """``{ns}:task:{id}`` hash: one field group per lifecycle event (set once, order-free).
 
+    Fields (all strings; costs in USD as float repr, times in ms, token counts as integers):
+    - TaskSubmitted: ``submitted_at``, ``kind``, ``priority``;
+    - TaskAnalyzed: ``analyzed_at``, ``task_type``, ``complexity``;
+    - TaskExecuted: ``executed_at``, ``action``, ``strategy``, ``chosen`` (provider, "" when
+      none answered), ``agreement``, ``answer`` (the chosen text, first
+      :data:`ANSWER_MAX_CHARS` characters), ``answer_chars`` (its full length),
+      ``executed_cost_usd``, ``executed_tokens`` (every call of the task, failed ones included);
+    - TaskValidated: ``validated_at``, ``passed`` ("1"/"0"), ``tests_passed``, ``tests_total``,
+      ``levels`` (JSON list of ``{"level", "passed"}`` in run order) and, when a level failed,
+      ``failed_level``, ``failed_error_type`` and ``failed_message`` (its first failure, else
+      its details; at most :data:`MESSAGE_MAX_CHARS` characters);
+    - TaskCompleted: ``completed_at``, ``status``, ``cost_usd``, ``tokens``, ``latency_ms``,
+      ``provider``, ``result`` (e.g. a dead letter's reason).
+
+    :class:`BreakerProjection` adds one ``call:{provider}:{attempt}`` field per provider call.
     Status is derived at read time (:func:`task_status`)."""
 
     name = "task_status"
@@ -67,16 +86,46 @@ class TaskStatusProjection:
                 return {"analyzed_at": at, "task_type": p.features.task_type,
                         "complexity": p.features.complexity}
             case "TaskExecuted":
+                answer = p.chosen_text or ""
                 return {"executed_at": at, "action": p.action, "strategy": p.consensus_strategy,
-                        "chosen": p.chosen or "", "agreement": repr(p.agreement)}
+                        "chosen": p.chosen or "", "agreement": repr(p.agreement),
+                        "answer": answer[:ANSWER_MAX_CHARS], "answer_chars": str(len(answer)),
+                        "executed_cost_usd": repr(p.cost_usd), "executed_tokens": str(p.tokens)}
             case "TaskValidated":
-                return {"validated_at": at, "passed": "1" if p.passed else "0",
-                        "tests_passed": str(p.tests_passed), "tests_total": str(p.tests_total)}
+                fields = {"validated_at": at, "passed": "1" if p.passed else "0",
+                          "tests_passed": str(p.tests_passed), "tests_total": str(p.tests_total),
+                          "levels": orjson.dumps([{"level": lv.level, "passed": lv.passed}
+                                                  for lv in p.levels]).decode()}
+                failed = next((lv for lv in p.levels if not lv.passed), None)
+                if failed is not None:
+                    fields |= {"failed_level": failed.level,
+                               "failed_error_type": failed.error_type or "",
+                               "failed_message": (failed.message or failed.details)[:MESSAGE_MAX_CHARS]}
+                return fields
             case "TaskCompleted":
                 return {"completed_at": at, "status": p.status, "cost_usd": repr(p.cost_usd),
                         "tokens": str(p.tokens), "latency_ms": repr(p.latency_ms),
-                        "provider": p.provider or ""}
+                        "provider": p.provider or "", "result": (p.result or "")[:MESSAGE_MAX_CHARS]}
         return None
+
+
+def call_field(provider: str, attempt: int) -> str:
+    """The task-hash field of one provider call: ``call:{provider}:{attempt}``."""
+    return f"call:{provider}:{attempt}"
+
+
+def call_value(event_type: str, p: ProviderCall) -> str:
+    """The task-hash value of one provider call: compact JSON ``{"ok", "model", "error_type",
+    "http_status", "latency_ms", "cost_usd", "tokens"}`` (ms, USD, input + output tokens),
+    only from the event's payload so replay writes the same bytes."""
+    failed = event_type == "ProviderCallFailed"
+    return orjson.dumps({
+        "ok": not failed, "model": p.model,
+        "error_type": p.error_type if failed else None,
+        "http_status": p.http_status if failed else None,
+        "latency_ms": p.latency_ms, "cost_usd": p.cost_usd,
+        "tokens": p.input_tokens + p.output_tokens,
+    }).decode()
 
 
 def task_status(h: dict[str, str]) -> str:
@@ -128,7 +177,11 @@ class CountersProjection:
 @dataclass
 class BreakerProjection:
     """``{ns}:breaker:{provider}`` state and ``{ns}:provider:{id}`` call stats, from the calls
-    topic. Each transition is emitted as ``BreakerTransitioned`` on the system topic."""
+    topic. Each transition is emitted as ``BreakerTransitioned`` on the system topic.
+
+    Each call is also recorded in its task's hash (:func:`call_field`, :func:`call_value`):
+    the calls topic is the only place that tells which providers a task asked and how each
+    call ended, and this is its consumer."""
 
     config: BreakerConfig
     name: str = "breakers"
@@ -143,9 +196,12 @@ class BreakerProjection:
             pipe.hgetall(tx.keys.breaker(prov))
         states = {prov: BreakerState.from_hash(h) for prov, h in zip(providers, await pipe.execute())}
         stats: dict[str, dict[str, int]] = {prov: {} for prov in providers}
+        task_calls: dict[str, dict[str, str]] = {}
         for e in calls:
             p = e.payload
             ok = e.event_type == "ProviderCallCompleted"
+            task_calls.setdefault(p.task_id, {})[call_field(p.provider, p.attempt)] = \
+                call_value(e.event_type, p)
             s = stats[p.provider]
             for f, n in (("calls", 1), ("failures", 0 if ok else 1),
                          ("cost_microusd", micro_usd(p.cost_usd)),
@@ -171,6 +227,8 @@ class BreakerProjection:
                 pipe.sadd(tx.keys.providers_index, prov)
                 for f, n in stats[prov].items():
                     pipe.hincrby(tx.keys.provider_stats(prov), f, n)
+            for task_id, fields in task_calls.items():
+                pipe.hset(tx.keys.task(task_id), mapping=fields)
 
         tx.write(write)
 

@@ -7,7 +7,9 @@ One batch is a list of records from one consumer's source topic. ``BatchRunner.r
    or below it: they were applied before a crash or rebalance (a batch with nothing left
    ends here).
 2. Decode every remaining record. A record that is not a valid envelope becomes a ``DeadLettered``
-   event (reason, original bytes, topic/partition/offset) and is otherwise skipped.
+   event (reason, original bytes, topic/partition/offset) and is otherwise skipped; an
+   oversized record on the tasks topic also completes the task its key names as
+   ``dead_lettered``.
 3. Drop events whose ``event_id`` this consumer has already applied (a re-produced
    duplicate from an upstream stage that crashed between producing and committing).
 4. ``Consumer.process`` runs the stage logic on the remaining events (live mode only); it
@@ -223,7 +225,10 @@ class BatchRunner:
             try:
                 event = decode(r.value)
             except CodecError as exc:
-                self._dead_letter(tx, r, str(exc), exc.kind, None)
+                # an oversized record is never read, but its key names its task (SPEC §3), so
+                # that task can still complete; other undecodable bytes claim nothing
+                task_id = self._keyed_task(r) if exc.kind == "oversized" else None
+                self._dead_letter(tx, r, str(exc), exc.kind, None, task_id)
                 continue
             if event.event_id in sources:  # duplicate inside one batch
                 continue
@@ -238,9 +243,22 @@ class BatchRunner:
                                                [e.event_id for e in events])
         return [e for e, s in zip(events, seen) if not s]
 
-    def _dead_letter(self, tx: Tx, r: Record, reason: str, error_type: str, event: Envelope | None) -> None:
+    def _keyed_task(self, r: Record) -> str | None:
+        """The task id a tasks-topic record's key names (SPEC §3: key = task id), or None for
+        another topic or a key that cannot be a task id (missing, not UTF-8, over 256 chars)."""
+        if r.key is None or r.topic != self.ctx.topics.name("tasks"):
+            return None
+        try:
+            task_id = r.key.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return task_id if 0 < len(task_id) <= 256 else None
+
+    def _dead_letter(self, tx: Tx, r: Record, reason: str, error_type: str,
+                     event: Envelope | None, task_id: str | None = None) -> None:
         """Queue a DeadLettered event (id derived from the record's position, so a re-run
-        does not duplicate it) and, for a task event, that task's final TaskCompleted."""
+        does not duplicate it) and that task's final TaskCompleted (``dead_lettered``) for a
+        decoded task event, or for an undecoded record when ``task_id`` names its task."""
         log.warning("dead-letter %s[%d]@%d: %s", r.topic, r.partition, r.offset, reason)
         payload = DeadLettered(
             reason=reason[:2000], error_type=error_type, stage=self.consumer.name,
@@ -251,15 +269,21 @@ class BatchRunner:
             original_truncated=len(r.value or b"") > MAX_DEADLETTER_BYTES,
         )
         position = f"{r.topic}:{r.partition}:{r.offset}"
-        dl = make_event(payload, producer=f"{self.consumer.name}.deadletter",
-                        correlation_id=event.correlation_id if event else position,
+        producer = f"{self.consumer.name}.deadletter"
+        dl = make_event(payload, producer=producer,
+                        correlation_id=event.correlation_id if event else task_id or position,
                         event_id=_position_id(position, self.consumer.name))
         tx.emit("deadletter", dl, key=position)
-        task_id = getattr(event.payload, "task_id", None) if event else None
-        if task_id and event is not None and event.event_type != "TaskCompleted":
+        if event is not None:
+            # a TaskCompleted that fails is already the task's end: completing it again would loop
+            task_id = (None if event.event_type == "TaskCompleted"
+                       else getattr(event.payload, "task_id", None))
+        if task_id:
             done = TaskCompleted(task_id=task_id, status="dead_lettered", result=reason[:500])
-            tx.emit("tasks", make_event(done, producer=f"{self.consumer.name}.deadletter",
-                                        cause=event, discriminator="dead_lettered"))
+            # caused by the event when there is one, else by the dead letter, so lineage shows
+            # why the task ended and a re-run derives the same id
+            tx.emit("tasks", make_event(done, producer=producer, cause=event or dl,
+                                        discriminator="dead_lettered"))
 
     async def _produce(self, tx: Tx) -> None:
         if not tx.emitted:

@@ -19,18 +19,21 @@ problem is reported as a :class:`ProviderConfigError` naming the file, the entry
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from agents.providers.base import Provider
 from agents.providers.pricing import resolve_model
 from agents.providers.sim import SimProvider, SimProviderConfig
+from models.codec import describe_validation
 
 
 class ProviderConfigError(ValueError):
@@ -132,8 +135,7 @@ def _build_one(
     try:
         config = kind.config_model.model_validate(entry)
     except ValidationError as exc:
-        problems = "; ".join(_describe(err) for err in exc.errors())
-        raise ProviderConfigError(f"{where}: {problems}") from None
+        raise ProviderConfigError(f"{where}: {describe_validation(exc, limit=10)}") from None
     model = getattr(config, "model", None)
     if isinstance(model, str):
         try:
@@ -147,15 +149,6 @@ def _build_one(
         raise ProviderConfigError(f"{where}: {exc}") from None
 
 
-def _describe(error: Any) -> str:
-    """One pydantic error as "field 'a.b': message" (model-level errors have no field)."""
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown field"
-    field = ".".join(str(part) for part in error["loc"])
-    return f"field '{field}': {message}" if field else message
-
-
 def _resolve_paths(config: BaseModel, base_dir: Path | None) -> BaseModel:
     """Make relative Path fields relative to the providers file's directory, not the cwd."""
     if base_dir is None:
@@ -166,3 +159,14 @@ def _resolve_paths(config: BaseModel, base_dir: Path | None) -> BaseModel:
         if isinstance(value := getattr(config, name), Path) and not value.is_absolute()
     }
     return config.model_copy(update=updates) if updates else config
+
+
+def fingerprint(providers: dict[str, Provider]) -> str:
+    """16 hex chars of sha256 over every provider's kind, id, model and full configuration,
+    in order: equal exactly when two registries would behave alike (seed included)."""
+    described = [
+        [p.kind, p.id, p.model, config.model_dump(mode="json") if isinstance(config, BaseModel) else None]
+        for p in providers.values()
+        for config in (getattr(p, "config", None),)
+    ]
+    return hashlib.sha256(orjson.dumps(described, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]

@@ -255,7 +255,15 @@ async def test_oversized_record_is_dead_lettered_and_the_pipeline_keeps_flowing(
             assert (p.error_type, p.stage) == ("oversized", "analyzer")
             assert str(MAX_VALUE_BYTES) in p.reason
             assert base64.b64decode(p.original_value_b64) == value
-            assert task_status(await redis.hgetall(Keys(s.namespace).task("huge"))) == "unknown"
+            # its key names the task (SPEC §3), so that task completes as dead_lettered
+
+            async def huge_done() -> dict[str, str] | None:
+                h = await redis.hgetall(Keys(s.namespace).task("huge"))
+                return h if task_status(h) == "dead_lettered" else None
+
+            h = await eventually(huge_done)
+            assert h, await redis.hgetall(Keys(s.namespace).task("huge"))
+            assert "oversized" in h["result"] and str(MAX_VALUE_BYTES) in h["result"]
     finally:
         await redis.aclose()
 

@@ -1,0 +1,254 @@
+"""The user operations, one typed function each (SPEC §6 "One operation, three front-ends").
+
+The CLI (and later the HTTP API and the MCP server) only parse input, call these functions and
+render what they return, so the front-ends cannot disagree. Results are dataclasses with
+typed fields; ``to_dict()`` gives their JSON form, numbers as numbers and booleans as booleans.
+
+Operations here so far: :func:`task_report` (``rmo status``) and :func:`task_lineage`
+(``rmo lineage``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from agents.providers.sim import STUB_BODY
+from streams.config import Settings
+from streams.keys import Keys
+from streams.lineage import Node, lineage
+from streams.projections import task_status
+from streams.topics import load_topics
+
+SIM_STUB_NOTE = (
+    "the answer is a stub (`raise NotImplementedError`): sim providers only answer the tasks "
+    "in their answer book (HumanEval's 164 problems, plus a profile's `reference_file`), and "
+    "this prompt is not in it, so no sim provider can pass its tests")
+"""Shown with a code answer that ends in the sim providers' stub body."""
+
+
+class TaskNotFound(LookupError):
+    """No event of the task is in the log (lineage). Its message names the task id."""
+
+
+@dataclass(frozen=True)
+class ProviderCallReport:
+    """One provider call of a task (one attempt): ``latency_ms`` in ms, ``cost_usd`` in USD,
+    ``tokens`` input + output; ``error_type`` and ``http_status`` only for a failed call."""
+
+    provider: str
+    attempt: int
+    ok: bool
+    model: str
+    error_type: str | None
+    http_status: int | None
+    latency_ms: float
+    cost_usd: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class LevelReport:
+    """One validator level that ran, in run order."""
+
+    level: str
+    passed: bool
+
+
+@dataclass(frozen=True)
+class FailureReport:
+    """Why validation failed: the first failed level, the error type of its first failure
+    (e.g. ``"AssertionError"``, ``"NotImplementedError"``, ``"ruff:F821"``; None when the level
+    has none, e.g. ``provider``: no candidate answer) and its message (at most 500 chars, e.g.
+    the failing assert with its test line, or the exception's message)."""
+
+    level: str
+    error_type: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """Everything the task projection knows about one task (``rmo status``).
+
+    ``status``: passed | failed | rejected | dead_lettered, else the furthest stage reached
+    (pending, analyzed, executed, validated), or unknown when no event of the task was
+    projected. ``provider``: the provider whose answer was chosen; ``providers``: every
+    provider called, in ``calls`` order. ``answer``: the chosen answer (the code, for a code
+    task), its first 20,000 characters; ``answer_chars`` its full length. ``cost_usd`` (USD)
+    and ``tokens`` (input + output) count every call, failed ones included; ``latency_ms`` is
+    submit to completion in ms. Times are event times. Fields are None (or empty) until the
+    event that sets them has been projected.
+    """
+
+    task_id: str
+    status: str
+    kind: str | None = None
+    priority: int | None = None
+    task_type: str | None = None
+    complexity: str | None = None
+    action: str | None = None
+    strategy: str | None = None
+    provider: str | None = None
+    providers: list[str] = field(default_factory=list)
+    calls: list[ProviderCallReport] = field(default_factory=list)
+    agreement: float | None = None
+    answer: str | None = None
+    answer_chars: int = 0
+    answer_truncated: bool = False
+    passed: bool | None = None
+    tests_passed: int | None = None
+    tests_total: int | None = None
+    levels: list[LevelReport] = field(default_factory=list)
+    failure: FailureReport | None = None
+    result: str | None = None
+    cost_usd: float = 0.0
+    tokens: int = 0
+    latency_ms: float | None = None
+    submitted_at: datetime | None = None
+    analyzed_at: datetime | None = None
+    executed_at: datetime | None = None
+    validated_at: datetime | None = None
+    completed_at: datetime | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_hash(cls, task_id: str, h: dict[str, str]) -> TaskReport:
+        """Read the ``{ns}:task:{id}`` hash written by TaskStatusProjection and
+        BreakerProjection (streams/projections.py); missing fields stay None."""
+        calls = sorted((_call(name, value) for name, value in h.items() if name.startswith("call:")),
+                       key=lambda c: (c.provider, c.attempt))
+        answer = h.get("answer") or None
+        answer_chars = _int(h.get("answer_chars")) or len(answer or "")
+        truncated = answer is not None and answer_chars > len(answer)
+        failure = None
+        if "failed_level" in h:
+            failure = FailureReport(level=h["failed_level"],
+                                    error_type=h.get("failed_error_type") or None,
+                                    message=h.get("failed_message", ""))
+        notes = []
+        if h.get("kind") == "code" and answer and not truncated and answer.endswith(STUB_BODY):
+            notes.append(SIM_STUB_NOTE)
+        executed = "executed_cost_usd" in h
+        return cls(
+            task_id=task_id, status=task_status(h), kind=h.get("kind"),
+            priority=_int(h.get("priority")), task_type=h.get("task_type"),
+            complexity=h.get("complexity"), action=h.get("action"), strategy=h.get("strategy"),
+            provider=h.get("chosen") or h.get("provider") or None,
+            providers=list(dict.fromkeys(c.provider for c in calls)), calls=calls,
+            agreement=_float(h.get("agreement")), answer=answer, answer_chars=answer_chars,
+            answer_truncated=truncated,
+            passed=None if "passed" not in h else h["passed"] == "1",
+            tests_passed=_int(h.get("tests_passed")), tests_total=_int(h.get("tests_total")),
+            levels=[LevelReport(d["level"], d["passed"]) for d in orjson.loads(h.get("levels", "[]"))],
+            failure=failure, result=h.get("result") or None,
+            # the executor's total is the spend even when the task was dead-lettered later
+            cost_usd=_float(h.get("executed_cost_usd" if executed else "cost_usd")) or 0.0,
+            tokens=_int(h.get("executed_tokens" if executed else "tokens")) or 0,
+            latency_ms=_float(h.get("latency_ms")),
+            submitted_at=_time(h.get("submitted_at")), analyzed_at=_time(h.get("analyzed_at")),
+            executed_at=_time(h.get("executed_at")), validated_at=_time(h.get("validated_at")),
+            completed_at=_time(h.get("completed_at")), notes=notes,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: numbers as numbers, booleans as booleans, times as RFC 3339
+        strings, absent values as null."""
+        d = asdict(self)
+        for name, value in d.items():
+            if isinstance(value, datetime):
+                d[name] = value.isoformat()
+        return d
+
+    def render(self) -> list[str]:
+        """The plain-text form, one line per item; the answer last, indented."""
+        lines = [f"{self.task_id}: {self.status}"]
+        if self.status == "unknown":
+            return lines
+        facts = [("kind", self.kind), ("priority", self.priority), ("task type", self.task_type),
+                  ("complexity", self.complexity), ("action", self.action),
+                  ("strategy", self.strategy), ("chosen provider", self.provider),
+                  ("providers called", ", ".join(self.providers) or None),
+                  ("agreement", self.agreement)]
+        lines += [f"  {name}: {value}" for name, value in facts if value is not None]
+        for c in self.calls:
+            outcome = "ok" if c.ok else f"failed {c.error_type}" + (
+                f" (HTTP {c.http_status})" if c.http_status else "")
+            lines.append(f"    call {c.provider} #{c.attempt}: {outcome}, {c.model}, "
+                         f"{c.latency_ms:.1f} ms, ${c.cost_usd:.6f}, {c.tokens} tokens")
+        if self.levels:
+            lines.append("  validation: " + ", ".join(
+                f"{lv.level} {'ok' if lv.passed else 'FAILED'}" for lv in self.levels))
+        if self.tests_total:
+            lines.append(f"  tests: {self.tests_passed}/{self.tests_total} passed")
+        if self.failure is not None:
+            f = self.failure
+            lines.append(f"  failed level: {f.level}"
+                         + (f" ({f.error_type})" if f.error_type else "") + f": {f.message}")
+        if self.result:
+            lines.append(f"  result: {self.result}")
+        if self.executed_at or self.completed_at:
+            lines.append(f"  cost: ${self.cost_usd:.6f} USD, {self.tokens} tokens"
+                         + (f", latency {self.latency_ms:.0f} ms" if self.latency_ms is not None else ""))
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.answer is not None:
+            more = f", first {len(self.answer)} shown" if self.answer_truncated else ""
+            lines.append(f"  answer ({self.answer_chars} chars{more}):")
+            lines += [f"    | {line}" for line in self.answer.splitlines()]
+        return lines
+
+
+async def task_report(settings: Settings, task_id: str) -> TaskReport:
+    """The projected state of ``task_id`` in ``settings.namespace`` (status ``unknown`` when
+    none of its events was projected). Reads Redis only.
+
+    Raises:
+        ValueError: no Redis URL is resolved in ``settings``.
+        redis.exceptions.ConnectionError: Redis is unreachable.
+    """
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True)
+    try:
+        h = await redis.hgetall(Keys(settings.namespace).task(task_id))
+    finally:
+        await redis.aclose()
+    return TaskReport.from_hash(task_id, h)
+
+
+async def task_lineage(settings: Settings, task_id: str) -> list[Node]:
+    """The causation forest of ``task_id``'s events, read from every topic of the log: the
+    roots in time order, each :class:`streams.lineage.Node` with its children (render them
+    with or without payloads: ``Node.to_dict(payload=True)``, ``Node.render(payload=True)``).
+
+    Raises:
+        TaskNotFound: no event with correlation id ``task_id`` is in the log.
+        ValueError: no Kafka broker is resolved in ``settings``.
+    """
+    roots = await lineage(settings, load_topics(settings.namespace, settings.topics_file), task_id)
+    if not roots:
+        raise TaskNotFound(f"no events with correlation id {task_id!r}")
+    return roots
+
+
+def _call(name: str, value: str) -> ProviderCallReport:
+    provider, attempt = name.removeprefix("call:").rsplit(":", 1)
+    d = orjson.loads(value)
+    return ProviderCallReport(provider=provider, attempt=int(attempt), ok=d["ok"], model=d["model"],
+                              error_type=d["error_type"], http_status=d["http_status"],
+                              latency_ms=float(d["latency_ms"]), cost_usd=float(d["cost_usd"]),
+                              tokens=int(d["tokens"]))
+
+
+def _int(value: str | None) -> int | None:
+    return None if value is None or value == "" else int(value)
+
+
+def _float(value: str | None) -> float | None:
+    return None if value is None or value == "" else float(value)
+
+
+def _time(value: str | None) -> datetime | None:
+    return None if not value else datetime.fromisoformat(value)
