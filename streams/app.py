@@ -9,11 +9,12 @@ so offsets never pass unfinished work (SPEC §4: Faust's ``concurrency>1`` commi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-import socket
 import tempfile
 from collections.abc import Awaitable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,9 +22,10 @@ import faust
 from redis.asyncio import Redis
 
 from models.codec import encode, make_event
-from streams import metrics
+from streams import liveness, metrics
 from streams.config import Settings
 from streams.keys import Keys
+from streams.liveness import Heartbeat
 from streams.stage import (
     PRODUCER_MAX_REQUEST_BYTES,
     REDIS_DOWN,
@@ -50,8 +52,9 @@ class FaustProducer:
 
 
 def create_app(settings: Settings, registry: TopicRegistry, consumers: list[Consumer],
-               redis: Redis) -> faust.App:
-    """Build the worker app for ``settings.namespace`` (consumer group ``rmo-{namespace}``)."""
+               redis: Redis, heartbeat: Heartbeat) -> faust.App:
+    """Build the worker app for ``settings.namespace`` (consumer group ``rmo-{namespace}``);
+    ``heartbeat`` is what it announces about itself (streams/liveness.py)."""
     bootstrap = settings.require_kafka()
     app = faust.App(
         f"rmo-{settings.namespace}",
@@ -77,7 +80,7 @@ def create_app(settings: Settings, registry: TopicRegistry, consumers: list[Cons
                   producer=FaustProducer(app))
     for consumer in consumers:
         _add_agent(app, consumer, ctx, settings)
-    _add_metrics_timer(app, ctx, settings)
+    _add_metrics_timer(app, ctx, settings, heartbeat)
     return app
 
 
@@ -116,24 +119,41 @@ async def _run_until_applied(runner: BatchRunner, records: list[Record]) -> None
             delay = min(delay * 2, 30.0)
 
 
-def _add_metrics_timer(app: faust.App, ctx: Context, settings: Settings) -> None:
-    state = {"since": datetime.now(UTC)}
-    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+def _add_metrics_timer(app: faust.App, ctx: Context, settings: Settings, hb: Heartbeat) -> None:
+    """The worker's heartbeat (streams/liveness.py) and its MetricsSnapshot every
+    ``metrics_interval_s`` seconds. The worker writes its first heartbeat (``joining``) before
+    the app starts (streams/worker.py); here it is written again when the consumer group's
+    rebalance completed (``running``), refreshed, and deleted on shutdown, so
+    `rmo demo` can tell a worker that is joining from one that runs or one that has stopped."""
+    state = {"since": datetime.now(UTC), "hb": hb}
+
+    async def announce(worker_state: str | None = None) -> None:
+        if worker_state is not None:
+            state["hb"] = replace(state["hb"], state=worker_state)
+        with contextlib.suppress(*REDIS_DOWN):  # the stages log Redis outages themselves
+            await liveness.beat(ctx.redis, ctx.keys, state["hb"], settings.metrics_interval_s)
+
+    @app.on_rebalance_complete.connect
+    async def announce_running(sender: faust.App, **_: Any) -> None:
+        await announce("running")
+
+    @app.on_before_shutdown.connect
+    async def announce_stop(sender: faust.App, **_: Any) -> None:
+        with contextlib.suppress(*REDIS_DOWN):
+            await asyncio.wait_for(liveness.clear(ctx.redis, ctx.keys, hb.host, hb.pid), 1.0)
 
     @app.timer(settings.metrics_interval_s)
     async def publish_metrics() -> None:
-        """Heartbeat (so `rmo demo` knows a worker runs) and a MetricsSnapshot; skipped, not
-        fatal, while Redis is unreachable (the stages log that outage themselves)."""
+        """Heartbeat and MetricsSnapshot; skipped, not fatal, while Redis is unreachable."""
+        await announce()
         try:
             await _publish(datetime.now(UTC))
         except REDIS_DOWN:
             pass
 
     async def _publish(now: datetime) -> None:
-        await ctx.redis.set(ctx.keys.ephemeral("worker", worker_id), now.isoformat(),
-                            ex=int(settings.metrics_interval_s * 3) + 1)
         snap = await metrics.collect(ctx.redis, ctx.keys, state["since"], now)
         state["since"] = now
-        event = make_event(snap, producer=f"worker.{worker_id}", correlation_id="metrics")
+        event = make_event(snap, producer=f"worker.{hb.worker_id}", correlation_id="metrics")
         fut = await ctx.producer.send(ctx.topics.name("metrics"), b"metrics", encode(event))
         await fut

@@ -1,8 +1,12 @@
 """`rmo`: the command line of Fractal-RMO (typer).
 
-Every command resolves its services the same way: ``KAFKA_BOOTSTRAP_SERVERS`` if set, else
-what ``rmo up`` started, else an embedded Tansu; ``REDIS_URL`` if reachable, else ``rmo up``'s,
-else an embedded Redis. Commands that start a worker create the topics first.
+Every command resolves its services the same way (:mod:`streams.locate`): a set
+``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` is used as is and must answer; unset, what ``rmo up``
+recorded, else (Redis) the local one on :6379, else an embedded service for that command.
+Commands that start a worker create the topics first.
+
+Errors are one line on stderr (exit 2 for a mistake the user can fix, 1 otherwise); ``--debug``
+anywhere on the command line shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -24,13 +28,22 @@ import typer
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from models.codec import decode, json_schemas, make_event
-from models.events import TaskSubmitted
-from streams import embedded
+from agents.providers.registry import ProviderConfigError
+from agents.sandbox import SandboxUnavailable
+from models.codec import (
+    MAX_VALUE_BYTES,
+    decode,
+    describe_validation,
+    encode,
+    json_schemas,
+    make_event,
+)
+from models.events import Envelope, TaskSubmitted
+from streams import liveness, locate
 from streams.client import EventProducer, read_topic
 from streams.config import Settings
+from streams.embedded import EmbeddedServiceError
 from streams.keys import Keys
-from streams.projections import task_status
 from streams.topics import load_topics
 
 app = typer.Typer(help="Fractal-RMO: event-sourced multi-agent LLM orchestration over Kafka and Redis.",
@@ -49,19 +62,24 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 @contextmanager
 def services(settings: Settings | None = None) -> Iterator[Settings]:
-    """Settings with Kafka and Redis resolved; services started here stop on exit."""
+    """Settings with Kafka and Redis resolved (:func:`streams.locate.locate`); embedded
+    services started for this command stop on exit.
+
+    Raises:
+        streams.locate.ServiceUnreachable: a set address or a record does not answer.
+    """
     settings = settings or Settings()
-    bootstrap, redis_url, handles = embedded.resolve_services(settings.kafka_bootstrap_servers,
-                                                              settings.redis_url)
+    found = locate.locate(settings.kafka_bootstrap_servers, settings.redis_url)
     try:
-        yield settings.model_copy(update={"kafka_bootstrap_servers": bootstrap, "redis_url": redis_url})
+        yield settings.model_copy(update={"kafka_bootstrap_servers": found.bootstrap,
+                                          "redis_url": found.redis_url})
     finally:
-        for h in handles:
+        for h in found.temporary:
             h.stop()
 
 
 def redis_client(settings: Settings) -> Redis:
-    return Redis.from_url(settings.redis_url, decode_responses=True)
+    return Redis.from_url(settings.require_redis(), decode_responses=True)
 
 
 def _registry(settings: Settings):
@@ -112,25 +130,35 @@ def topics_list() -> None:
 
 @app.command()
 def up() -> None:
-    """Start an embedded Kafka (Tansu) and Redis in the background and record their
-    addresses, so later `rmo` commands use them. `rmo down` stops them."""
-    running, _ = embedded.bring_up("kafka", "redis")
+    """Start an embedded Kafka (Tansu) and Redis in the background and record them in the
+    state directory ($RMO_STATE_DIR, default .rmo/ in this checkout), so later `rmo` commands
+    from it use them. A second `rmo up` reuses what answers; a service whose variable
+    (KAFKA_BOOTSTRAP_SERVERS, REDIS_URL) is set is not started. `rmo down` stops them."""
+    s = Settings()
+    wanted = [name for name, value in (("kafka", s.kafka_bootstrap_servers), ("redis", s.redis_url))
+              if not value]
+    for name in set(locate.VARIABLES) - set(wanted):
+        typer.echo(f"{locate.VARIABLES[name]} is set: not starting an embedded {name}")
+    running, started = locate.bring_up(*wanted)
     for h in running.values():
-        var = "KAFKA_BOOTSTRAP_SERVERS" if h.name == "kafka" else "REDIS_URL"
-        typer.echo(f"{var}={h.address}  (pid {h.pid})")
-    typer.echo(f"state: {embedded.state_file()}")
+        how = "started" if h in started else "already running"
+        typer.echo(f"{locate.VARIABLES[h.name]}={h.address}  ({how}, pid {h.pid}, log {h.log_path})")
+    typer.echo(f"state: {locate.state_file()}")
 
 
 @app.command()
 def down() -> None:
-    """Stop only what `rmo up` started."""
-    running = embedded.read_up_state(check_service=False)
-    for h in running.values():
-        h.stop()
-        typer.echo(f"stopped {h.name} at {h.address}")
-    embedded.clear_up_state()
-    if not running:
-        typer.echo("nothing started by `rmo up` is running")
+    """Stop what `rmo up` (or `rmo demo`) started from this state directory, and nothing
+    else: a recorded pid is signalled only while it is still the process that was started."""
+    results = locate.bring_down()
+    for r in results:
+        h = r.handle
+        if r.stopped:
+            typer.echo(f"stopped {h.name} at {h.address} (pid {h.pid})")
+        else:
+            typer.echo(f"{h.name} (pid {h.pid}) was no longer running; record removed")
+    if not results:
+        typer.echo(f"nothing recorded in {locate.state_file()}")
 
 
 @app.command()
@@ -150,41 +178,69 @@ def worker(
 # --------------------------------------------------------------------------- producing
 
 
-def parse_tasks(lines: Iterator[str], source: str) -> list[TaskSubmitted]:
-    """JSONL task lines -> TaskSubmitted payloads. Raises typer.Exit naming the bad line."""
-    tasks = []
+def task_line_error(where: str, problem: str) -> typer.Exit:
+    """The one-line error for a bad task line, with what a line must hold."""
+    required = ", ".join(n for n, f in TaskSubmitted.model_fields.items() if f.is_required())
+    return fail(f"{where}: {problem}; each line is one JSON object with {required} "
+                "(entry_point, test, priority, metadata optional; `rmo schema TaskSubmitted`)")
+
+
+def parse_tasks(lines: Iterator[str], source: str) -> list[Envelope]:
+    """JSONL task lines -> TaskSubmitted events, all checked before anything is produced.
+
+    Raises:
+        typer.Exit: a line is not JSON, not a valid task (the message names the line, the
+            field and what is allowed), or encodes to more than
+            :data:`models.codec.MAX_VALUE_BYTES` (the stages would dead-letter it).
+    """
+    events = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{source}:{n}"
         try:
-            tasks.append(TaskSubmitted.model_validate(orjson.loads(line)))
-        except (orjson.JSONDecodeError, ValidationError) as exc:
-            raise fail(f"{source}:{n}: not a task ({str(exc).splitlines()[0]}); each line must be a "
-                       "JSON object with task_id, kind, prompt (entry_point, test optional)") from None
-    return tasks
+            raw = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise task_line_error(where, f"not JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise task_line_error(where, f"a JSON {type(raw).__name__}, not an object")
+        try:
+            task = TaskSubmitted.model_validate(raw)
+        except ValidationError as exc:
+            raise task_line_error(where, describe_validation(exc, limit=5)) from None
+        event = make_event(task, producer="cli.submit")
+        size = len(encode(event))
+        if size > MAX_VALUE_BYTES:
+            raise fail(f"{where}: task {task.task_id!r} is {size:,} bytes as an event, over the "
+                       f"{MAX_VALUE_BYTES:,}-byte record limit (larger records are dead-lettered); "
+                       "shorten its prompt or test")
+        events.append(event)
+    return events
 
 
 @app.command()
 def submit(file: Annotated[str, typer.Argument(help="JSONL file of tasks, or - for stdin.")]) -> None:
-    """Produce one TaskSubmitted per JSONL line to the tasks topic; prints the task ids."""
+    """Produce one TaskSubmitted per JSONL line to the tasks topic; prints the task ids.
+    Every line is checked first: one bad line submits nothing."""
     if file == "-":
-        tasks = parse_tasks(iter(sys.stdin), "stdin")
+        events = parse_tasks(iter(sys.stdin), "stdin")
     else:
         path = Path(file)
         if not path.exists():
             raise fail(f"{file} does not exist; give a JSONL file or - for stdin")
-        tasks = parse_tasks(iter(path.read_text().splitlines()), file)
+        events = parse_tasks(iter(path.read_text().splitlines()), file)
+    if not events:
+        raise fail(f"{file if file != '-' else 'stdin'} holds no task lines")
     with services() as s:
-        asyncio.run(_submit(s, tasks))
-        for t in tasks:
-            typer.echo(t.task_id)
+        asyncio.run(_submit(s, events))
+        for e in events:
+            typer.echo(e.payload.task_id)
 
 
-async def _submit(s: Settings, tasks: list[TaskSubmitted]) -> list:
+async def _submit(s: Settings, events: list[Envelope]) -> list:
     registry = _registry(s)
     await _prepare(s)
     async with EventProducer(s.require_kafka()) as producer:
-        events = [make_event(t, producer="cli.submit") for t in tasks]
         return await producer.send_events(registry.name("tasks"), events)
 
 
@@ -193,27 +249,16 @@ async def _submit(s: Settings, tasks: list[TaskSubmitted]) -> list:
 
 @app.command()
 def status(task_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """A task's state from the task projection: pending, analyzed, executed, validated,
-    passed, failed, rejected, dead_lettered (unknown if never seen)."""
+    """A task's state and why: status (pending, analyzed, executed, validated, passed, failed,
+    rejected, dead_lettered; unknown if never seen, exit 1), the providers called, the
+    answer, the validation level that failed with its message, cost, tokens, latency."""
+    from streams.service import task_report
+
     with services() as s:
-        h = asyncio.run(_hgetall(s, Keys(s.namespace).task(task_id)))
-    st = task_status(h)
-    if as_json:
-        typer.echo(json.dumps({"task_id": task_id, "status": st, **h}))
-    else:
-        typer.echo(f"{task_id}: {st}")
-        for k, v in sorted(h.items()):
-            typer.echo(f"  {k}: {v}")
-    if st == "unknown":
+        report = asyncio.run(task_report(s, task_id))
+    typer.echo(json.dumps(report.to_dict()) if as_json else "\n".join(report.render()))
+    if report.status == "unknown":
         raise typer.Exit(1)
-
-
-async def _hgetall(s: Settings, key: str) -> dict[str, str]:
-    r = redis_client(s)
-    try:
-        return await r.hgetall(key)
-    finally:
-        await r.aclose()
 
 
 @app.command()
@@ -230,6 +275,16 @@ def metrics(
 
 
 async def _metrics(s: Settings, follow: bool, as_json: bool) -> None:
+    if follow:
+        redis = redis_client(s)
+        try:
+            workers = await liveness.live_workers(redis, Keys(s.namespace))
+        finally:
+            await redis.aclose()
+        note = (f"{len(workers)} worker(s) running" if workers else
+                f"no worker is running in namespace {s.namespace} (start one: `rmo worker`)")
+        typer.echo(f"following {_registry(s).name('metrics')}: a worker publishes a snapshot every "
+                   f"{s.metrics_interval_s:g} s; {note}; Ctrl-C stops", err=True)
     async for r in read_topic(s.require_kafka(), _registry(s).name("metrics"), follow=follow):
         e = decode(r.value, max_bytes=None)
         if as_json:
@@ -322,19 +377,25 @@ async def _reexecute(s: Settings, task_id: str, as_json: bool) -> int:
 
 
 @app.command("lineage")
-def lineage_cmd(task_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """The causation tree of one task's events: type, producer, time, topic/partition/offset."""
-    from streams.lineage import lineage
+def lineage_cmd(
+    task_id: str,
+    payload: Annotated[bool, typer.Option("--payload", help="Show each event's payload.")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The causation tree of one task's events: type, producer, time, topic/partition/offset
+    (and, with --payload, each event's payload fields)."""
+    from streams.service import TaskNotFound, task_lineage
 
     with services() as s:
-        roots = asyncio.run(lineage(s, _registry(s), task_id))
-    if not roots:
-        raise fail(f"no events with correlation id {task_id!r}", code=1)
+        try:
+            roots = asyncio.run(task_lineage(s, task_id))
+        except TaskNotFound as exc:
+            raise fail(str(exc), code=1) from None
     if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in roots]))
+        typer.echo(json.dumps([r.to_dict(payload) for r in roots]))
     else:
         for r in roots:
-            typer.echo("\n".join(r.render()))
+            typer.echo("\n".join(r.render(payload=payload)))
 
 
 @app.command("deadletter")
@@ -353,6 +414,8 @@ async def _deadletter(s: Settings, retry: str | None, as_json: bool) -> int:
     async for r in read_topic(s.require_kafka(), _registry(s).name("deadletter")):
         letters.append(decode(r.value, max_bytes=None))
     if retry is None:
+        if not letters:
+            typer.echo(f"no dead letters in {_registry(s).name('deadletter')}", err=True)
         for e in letters:
             p = e.payload
             if as_json:
@@ -420,13 +483,51 @@ def tune_gc() -> None:
     gc.set_threshold(100_000, 50, 100)
 
 
+USER_ERRORS: tuple[type[Exception], ...] = (locate.ServiceUnreachable, ProviderConfigError,
+                                            EmbeddedServiceError, SandboxUnavailable)
+"""Mistakes the user can fix from the message alone: exit 2, like a bad option."""
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback of an error. "
+                                        "Accepted anywhere on the command line.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", help="Log at INFO level. Accepted anywhere "
+                                          "on the command line.")] = False,
+) -> None:
+    """Fractal-RMO: event-sourced multi-agent LLM orchestration over Kafka and Redis."""
+    # main() takes both flags off the command line before typer parses it (they must work
+    # after a subcommand too); they are declared here so that --help lists them.
+
+
+def _take_flag(flag: str) -> bool:
+    present = flag in sys.argv[1:]
+    sys.argv[1:] = [a for a in sys.argv[1:] if a != flag]
+    return present
+
+
 def main() -> None:
+    """Console entry point: run the CLI; an error becomes one line on stderr (exit 2 for
+    :data:`USER_ERRORS`, 1 otherwise), or its traceback with ``--debug``."""
     tune_gc()
-    logging.basicConfig(level=logging.INFO if "-v" in sys.argv else logging.WARNING,
+    debug = _take_flag("--debug")
+    verbose = _take_flag("-v")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if "-v" in sys.argv:
-        sys.argv.remove("-v")
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        text = str(exc).strip().splitlines()
+        if isinstance(exc, USER_ERRORS):
+            typer.secho(f"error: {text[0] if text else type(exc).__name__}", err=True, fg="red")
+            sys.exit(2)
+        typer.secho(f"error: {type(exc).__name__}: {text[0] if text else ''} "
+                    "(rerun with --debug for the traceback)", err=True, fg="red")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

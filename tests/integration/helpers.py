@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,3 +77,28 @@ async def eventually(probe, timeout_s: float = 20.0):
         if value or time.monotonic() > deadline:
             return value
         await asyncio.sleep(0.2)
+
+
+def cli_env(settings: Settings | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a user's shell for `rmo`: no service or RMO_ variable of ours
+    leaks in; ``settings`` sets broker, Redis and namespace; ``extra`` adds variables."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("RMO_") and k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL")}
+    if settings is not None:
+        env.update(KAFKA_BOOTSTRAP_SERVERS=settings.require_kafka(),
+                   REDIS_URL=settings.require_redis(), RMO_NAMESPACE=settings.namespace)
+    env.update(extra)
+    return env
+
+
+def rmo_command() -> list[str]:
+    """The `rmo` console script of this interpreter's venv (or ``python -m streams.cli``)."""
+    exe = Path(sys.executable).with_name("rmo")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "streams.cli"]
+
+
+def rmo(*args: str, env: dict[str, str], timeout: float = 120.0,
+        stdin: str | None = None) -> subprocess.CompletedProcess:
+    """Run `rmo` as a user would; returns the finished process (stdout, stderr as text)."""
+    return subprocess.run([*rmo_command(), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, input=stdin, check=False)
