@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from agents.providers.pricing import price_per_mtok
+
 
 @dataclass(frozen=True)
 class ProviderRequest:
@@ -99,10 +101,19 @@ class RateLimited(ProviderError):
 
 
 class ServerError(ProviderError):
-    """HTTP 5xx (500, 502, 503): the provider failed; a retry may succeed."""
+    """HTTP 5xx (500, 502, 503, 504), 408 Request Timeout or 409 Conflict: the provider
+    failed; a retry may succeed. (OpenAI's and Anthropic's SDKs retry exactly these statuses
+    by default; we turn their retries off and let the executor decide.)"""
 
     error_type: ClassVar[str] = "server_error"
     retryable: ClassVar[bool] = True
+
+
+class Overloaded(ServerError):
+    """The provider is temporarily overloaded: Anthropic's HTTP 529 ``overloaded_error``
+    (https://docs.anthropic.com/en/api/errors). Retryable, like every :class:`ServerError`."""
+
+    error_type: ClassVar[str] = "overloaded"
 
 
 class ProviderTimeout(ProviderError):
@@ -112,11 +123,76 @@ class ProviderTimeout(ProviderError):
     retryable: ClassVar[bool] = True
 
 
+class ConnectionFailed(ProviderError):
+    """No HTTP response at all: connection refused or reset, DNS failure, TLS failure.
+    ``http_status`` is None. Retryable: a restarting local server (Ollama, vLLM) comes back."""
+
+    error_type: ClassVar[str] = "connection_failed"
+    retryable: ClassVar[bool] = True
+
+
+class MalformedResponse(ProviderError):
+    """HTTP 200 whose body is not the protocol's shape (not JSON, no choices / content).
+    Retryable: proxies and overloaded servers send such bodies transiently. Tokens and cost
+    are filled when the body still carried a usage block."""
+
+    error_type: ClassVar[str] = "malformed_response"
+    retryable: ClassVar[bool] = True
+
+
+class AuthError(ProviderError):
+    """HTTP 401/403: the API key was missing, wrong or lacks permission. Not retryable. The
+    message names the environment variable to set, never the key."""
+
+    error_type: ClassVar[str] = "auth_error"
+
+
+class QuotaExceeded(ProviderError):
+    """The account is out of credit: OpenAI's HTTP 429 with code ``insufficient_quota``,
+    Anthropic's HTTP 402 ``billing_error``. Not retryable: waiting does not add credit."""
+
+    error_type: ClassVar[str] = "quota_exceeded"
+
+
+class ContextLengthExceeded(ProviderError):
+    """HTTP 400 because prompt plus requested output exceed the model's context window
+    (OpenAI code ``context_length_exceeded``, Anthropic "prompt is too long"). Not
+    retryable: the same request fails the same way."""
+
+    error_type: ClassVar[str] = "context_length_exceeded"
+
+
+class BadRequest(ProviderError):
+    """Any other HTTP 4xx (400 invalid request, 404 unknown model, 413, 422): the request
+    itself is wrong. Not retryable."""
+
+    error_type: ClassVar[str] = "bad_request"
+
+
+ERROR_CLASSES: dict[str, type[ProviderError]] = {
+    cls.error_type: cls
+    for cls in (
+        ProviderError,
+        RateLimited,
+        ServerError,
+        Overloaded,
+        ProviderTimeout,
+        ConnectionFailed,
+        MalformedResponse,
+        AuthError,
+        QuotaExceeded,
+        ContextLengthExceeded,
+        BadRequest,
+    )
+}
+"""Every error class by its ``error_type``, e.g. to re-raise a recorded failure as its kind."""
+
+
 class Provider(ABC):
     """A configured model endpoint.
 
     ``id`` is the provider's name in the registry (the routing action), ``model`` the model
-    it calls and is priced as, ``kind`` the registry kind that built it (``"sim"``, later
+    it calls and is priced as, ``kind`` the registry kind that built it (``"sim"``,
     ``"openai"``, ``"anthropic"``, ``"replay"``).
     """
 
@@ -129,8 +205,27 @@ class Provider(ABC):
         """Answer ``request``.
 
         Raises :class:`RateLimited`, :class:`ServerError`, :class:`ProviderTimeout` or
-        another :class:`ProviderError` when the call fails.
+        another :class:`ProviderError` when the call fails. Never retries: the executor's
+        retry policy is the only retry loop (``exc.retryable``, ``exc.retry_after_s``).
         """
+
+    def price_per_mtok(self) -> tuple[float, float] | None:
+        """``(input, output)`` list price in USD per million tokens this provider's calls are
+        charged at, or None when the model is unpriced (its calls cost 0). The default is
+        genai-prices' price for ``model``; kinds with a price override return the override."""
+        return price_per_mtok(self.model)
+
+    @property
+    def priced(self) -> bool:
+        """False when calls are counted as costing 0 because no price is known."""
+        return self.price_per_mtok() is not None
+
+    def endpoint(self) -> str | None:
+        """The base URL calls go to; None for kinds that call nothing over the network."""
+        return None
+
+    async def aclose(self) -> None:
+        """Release connections (the HTTP kinds close their SDK client). Default: nothing."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r}, model={self.model!r})"

@@ -13,6 +13,12 @@ are ignored, so the same file can also carry other app configuration. Example::
         timeout_rate: 0.0
         latency_ms: {mean: 5, p95: 10}
 
+Real endpoints are kinds ``openai`` (any OpenAI-compatible chat-completions server) and
+``anthropic`` (the Messages API); see :mod:`agents.providers.openai_kind` and
+:mod:`agents.providers.anthropic_kind` for their fields. Their ``api_key_env`` names an
+environment variable read when the provider is built: an unset one is a
+:class:`ProviderConfigError` naming it.
+
 With no path, the profiles shipped in ``defaults.yaml`` next to this module are loaded. Every
 problem is reported as a :class:`ProviderConfigError` naming the file, the entry and the field.
 """
@@ -20,7 +26,7 @@ problem is reported as a :class:`ProviderConfigError` naming the file, the entry
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -32,7 +38,6 @@ from pydantic import BaseModel, ValidationError
 
 from agents.providers.base import Provider
 from agents.providers.pricing import resolve_model
-from agents.providers.sim import SimProvider, SimProviderConfig
 from models.codec import describe_validation
 
 
@@ -42,16 +47,35 @@ class ProviderConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ProviderKind:
-    """How to build one kind: the pydantic model that validates an entry, and the factory
-    that turns the validated entry into a :class:`Provider`."""
+    """How to build one kind: the module defining it, the pydantic model in it that validates
+    an entry, and the :class:`Provider` class built from the validated entry.
+    ``priced_model_required``: the entry's ``model`` must be one genai-prices knows (the sim
+    kind stands for a real model and is priced as it); the HTTP kinds accept any model and
+    count an unpriced one as costing 0, with a warning.
 
-    config_model: type[BaseModel]
-    build: Callable[[Any], Provider]
+    The module is imported on first use: the openai and anthropic SDKs take about a second
+    to import, which no command that builds no HTTP provider should pay."""
+
+    module: str
+    config_name: str
+    provider_name: str
+    priced_model_required: bool = True
+
+    @property
+    def config_model(self) -> type[BaseModel]:
+        return getattr(importlib.import_module(self.module), self.config_name)
+
+    def build(self, config: Any) -> Provider:
+        return getattr(importlib.import_module(self.module), self.provider_name)(config)
 
 
-# Real adapters (``openai``, ``anthropic``) and ``replay`` are added here as they land.
+# ``replay`` is built from recorded events, not from a providers file.
 PROVIDER_KINDS: dict[str, ProviderKind] = {
-    "sim": ProviderKind(config_model=SimProviderConfig, build=SimProvider),
+    "sim": ProviderKind("agents.providers.sim", "SimProviderConfig", "SimProvider"),
+    "openai": ProviderKind("agents.providers.openai_kind", "OpenAIProviderConfig",
+                           "OpenAIProvider", priced_model_required=False),
+    "anthropic": ProviderKind("agents.providers.anthropic_kind", "AnthropicProviderConfig",
+                              "AnthropicProvider", priced_model_required=False),
 }
 
 DEFAULTS_RESOURCE = "defaults.yaml"
@@ -137,7 +161,7 @@ def _build_one(
     except ValidationError as exc:
         raise ProviderConfigError(f"{where}: {describe_validation(exc, limit=10)}") from None
     model = getattr(config, "model", None)
-    if isinstance(model, str):
+    if kind.priced_model_required and isinstance(model, str):
         try:
             resolve_model(model)
         except ValueError as exc:

@@ -6,19 +6,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 from agents.providers.base import (
+    ERROR_CLASSES,
     Provider,
     ProviderError,
     ProviderRequest,
     ProviderResponse,
-    ProviderTimeout,
-    RateLimited,
-    ServerError,
 )
 from models.events import ProviderCallCompleted, ProviderCallFailed
-
-_ERRORS: dict[str, type[ProviderError]] = {
-    cls.error_type: cls for cls in (RateLimited, ServerError, ProviderTimeout)
-}
 
 
 class ReplayMiss(ProviderError):
@@ -50,7 +44,7 @@ class ReplayProvider(Provider):
                              f"attempt {request.attempt}")
         self.served += 1
         if isinstance(call, ProviderCallFailed):
-            raise _ERRORS.get(call.error_type, ProviderError)(
+            raise ERROR_CLASSES.get(call.error_type, ProviderError)(
                 call.message or call.error_type, http_status=call.http_status,
                 retry_after_s=call.retry_after_s, latency_ms=call.latency_ms,
                 input_tokens=call.input_tokens, output_tokens=call.output_tokens,

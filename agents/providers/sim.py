@@ -8,8 +8,15 @@ are priced as) and behaves like one would on HumanEval-style tasks:
   ``task_type``) it returns the prompt plus the reference solution; otherwise a realistic
   wrong answer, by ``wrong_answer_mix``: an AST mutation of the reference
   (:mod:`agents.providers.mutations`) or a syntax error (a truncated answer). A prompt
-  with no reference gets a stub body (``raise NotImplementedError``). A text task gets a
-  short fixed-form answer. The response never says whether the answer is right.
+  with no reference gets a stub body (``raise NotImplementedError``). A json task is
+  answered with one JSON document: its reference (a ``reference_file`` solution for the
+  prompt), else an instance built from the request's JSON Schema
+  (:func:`schema_instance`: the required properties with type-appropriate values); with
+  probability ``1 - accuracy`` a wrong one instead, by ``wrong_answer_mix``: a mutation (a
+  field dropped, given another type or another value) or a syntax error (the document cut
+  short). The request never carries the task's expected values, so nothing leaks them. A
+  text task gets a short fixed-form answer. The response never says whether the answer is
+  right.
 - **Latency** is drawn from a lognormal distribution fitted to ``latency_ms.mean`` and
   ``latency_ms.p95`` and actually awaited; ``mean: 0`` makes calls instant.
 - **Faults.** With probability ``error_rate`` the call fails with HTTP 429 (Retry-After
@@ -32,11 +39,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import random
 from pathlib import Path
 from statistics import NormalDist
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -91,7 +99,9 @@ class LatencySpec(BaseModel):
 
 
 class WrongAnswerMix(BaseModel):
-    """Relative weights of the kinds of wrong code answer (normalized; not all zero)."""
+    """Relative weights of the kinds of wrong code or json answer (normalized; not all
+    zero): ``mutation`` (code: an AST mutation; json: a field dropped, retyped or changed)
+    and ``syntax_error`` (a truncated answer)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -112,7 +122,8 @@ class SimProviderConfig(BaseModel):
     ``"default"`` entry for the task types it does not list. Rates are probabilities per
     call, ``error_rate + timeout_rate ≤ 1``. ``timeout_after_ms`` is how long a simulated
     timeout hangs, ``retry_after_s`` the Retry-After of a simulated 429. ``reference_file``
-    is an optional JSONL of extra ``{prompt, solution}`` references.
+    is an optional JSONL of extra ``{prompt, solution}`` references: for a code prompt the
+    completion, for a json prompt the answer document (JSON text).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -254,6 +265,8 @@ class SimProvider(Provider):
         """``(prefix, completion)``: the response text is their concatenation."""
         if request.kind == "text":
             return "", _text_answer(request.prompt)
+        if request.kind == "json":
+            return "", self._json_answer(request)
         prefix = request.prompt if request.prompt.endswith("\n") else request.prompt + "\n"
         solution = self._book.solution(request.prompt)
         if solution is None:
@@ -271,6 +284,133 @@ class SimProvider(Provider):
         # Solutions too small to mutate (e.g. ``return "".join(xs)``) get a syntax error.
         wrong = mutant if mutant is not None else break_syntax(module, rng, len(prefix))
         return wrong[len(prefix) :]
+
+    def _json_answer(self, request: ProviderRequest) -> str:
+        """The reference document for the prompt, else :func:`schema_instance` of the
+        request's schema; a wrong one (:func:`_wrong_json`) with probability 1 - accuracy."""
+        reference = self._book.solution(request.prompt)
+        right = (reference.strip() if reference is not None
+                 else json.dumps(schema_instance(request.json_schema)))
+        rng = self._rng(request, "answer")
+        if rng.random() < self.config.accuracy_for(request.task_type):
+            return right
+        return _wrong_json(right, rng, self.config.wrong_answer_mix)
+
+
+#: Values a model would write for common string formats (validation asserts ``format``).
+_FORMAT_EXAMPLES = {
+    "date": "2024-01-01", "date-time": "2024-01-01T00:00:00Z", "time": "00:00:00Z",
+    "email": "user@example.com", "uri": "https://example.com/", "hostname": "example.com",
+    "ipv4": "192.0.2.1", "ipv6": "2001:db8::1", "uuid": "00000000-0000-0000-0000-000000000000",
+}
+_MAX_SCHEMA_DEPTH = 32
+
+
+def schema_instance(schema: object, depth: int = 0) -> Any:
+    """A plausible JSON value for ``schema`` (None: an empty object), as a model that read
+    only the schema would write: ``const``, else the first ``enum`` value, else ``default``,
+    else by ``type`` -- an object of the ``required`` properties, an array of ``minItems``
+    items, the empty string (or ``minLength`` x's, or an example of its ``format``), 0 (or
+    the nearest value within ``minimum`` / ``maximum``), false, null. ``anyOf`` / ``oneOf``
+    / ``allOf`` take their first branch. Valid for schemas built from these keywords;
+    ``pattern``, ``$ref`` and the like are not solved (the validator says so). Deterministic;
+    nesting deeper than 32 levels gives null."""
+    if schema is None:
+        return {}
+    if not isinstance(schema, dict) or depth > _MAX_SCHEMA_DEPTH:
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    if "default" in schema:
+        return schema["default"]
+    for combinator in ("anyOf", "oneOf", "allOf"):
+        if schema.get(combinator):
+            return schema_instance(schema[combinator][0], depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((t for t in kind if t != "null"), "null")
+    if kind is None:
+        kind = ("object" if "properties" in schema or "required" in schema
+                else "array" if "items" in schema else "null")
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {name: schema_instance(properties.get(name, {}), depth + 1)
+                for name in schema.get("required", [])}
+    if kind == "array":
+        return [schema_instance(schema.get("items", {}), depth + 1)
+                for _ in range(schema.get("minItems", 0))]
+    if kind == "string":
+        return _FORMAT_EXAMPLES.get(schema.get("format"), "x" * schema.get("minLength", 0))
+    if kind in ("integer", "number"):
+        return _number_within(schema)
+    if kind == "boolean":
+        return False
+    return None
+
+
+def _number_within(schema: dict) -> int | float:
+    """0, moved to the nearest integer the bounds allow (``exclusive*`` bounds by one)."""
+    value: int | float = 0
+    if "minimum" in schema and value < schema["minimum"]:
+        value = math.ceil(schema["minimum"])
+    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+        value = math.floor(schema["exclusiveMinimum"]) + 1
+    if "maximum" in schema and value > schema["maximum"]:
+        value = math.floor(schema["maximum"])
+    if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+        value = math.ceil(schema["exclusiveMaximum"]) - 1
+    return value
+
+
+def _wrong_json(right: str, rng: random.Random, mix: WrongAnswerMix) -> str:
+    """A wrong variant of the JSON text ``right``: by ``mix``, a mutation of one top-level
+    field or element (dropped, given another JSON type, or another value of its type) or
+    the document cut short (not JSON). ``right`` that does not parse is always cut short."""
+    wants_mutation = rng.random() * (mix.mutation + mix.syntax_error) < mix.mutation
+    try:
+        document = json.loads(right)
+    except ValueError:
+        wants_mutation = False
+    if not wants_mutation:
+        return right[: len(right) // 2] or "{"
+    how = rng.choice(("drop", "retype", "change"))
+    if isinstance(document, dict) and document:
+        key = rng.choice(list(document))
+        if how == "drop":
+            del document[key]
+        else:
+            document[key] = _retyped(document[key]) if how == "retype" else _changed(document[key])
+    elif isinstance(document, list) and document:
+        index = rng.randrange(len(document))
+        if how == "drop":
+            del document[index]
+        else:
+            document[index] = (_retyped(document[index]) if how == "retype"
+                               else _changed(document[index]))
+    else:
+        document = _retyped(document) if how == "retype" else _changed(document)
+    return json.dumps(document)
+
+
+def _retyped(value: Any) -> Any:
+    """``value`` as another JSON type: a string becomes 0, anything else its JSON text."""
+    return 0 if isinstance(value, str) else json.dumps(value)
+
+
+def _changed(value: Any) -> Any:
+    """Another value of ``value``'s type (strings lose their last character, numbers gain
+    one, booleans flip, containers empty or get one null); null becomes 0."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value[:-1] if value else "?"
+    if isinstance(value, dict | list):
+        return type(value)() if value else [None] if isinstance(value, list) else {"": None}
+    return 0
 
 
 def _text_answer(prompt: str) -> str:

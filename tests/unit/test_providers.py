@@ -30,6 +30,7 @@ from agents.providers import (
     load_providers,
     price_usd,
 )
+from agents.providers.base import ERROR_CLASSES
 from agents.providers.sim import STUB_BODY, estimate_tokens
 
 PROBLEMS = list(read_problems().values())
@@ -253,6 +254,29 @@ def test_price_per_million_tokens() -> None:
     assert price_usd("gemini-2.5-pro", 1000, 1000) == pytest.approx(0.01125)
 
 
+def test_sim_provider_reports_its_genai_prices_price() -> None:
+    provider = sim(model="grok-4")
+    assert provider.priced
+    assert provider.price_per_mtok() == pytest.approx((3.0, 15.0))
+
+
+def test_every_error_class_says_whether_a_retry_can_help() -> None:
+    assert {t: cls.retryable for t, cls in ERROR_CLASSES.items()} == {
+        "provider_error": False,
+        "rate_limited": True,
+        "server_error": True,
+        "overloaded": True,
+        "timeout": True,
+        "connection_failed": True,
+        "malformed_response": True,
+        "auth_error": False,
+        "quota_exceeded": False,
+        "context_length_exceeded": False,
+        "bad_request": False,
+    }
+    assert all(cls.error_type == t for t, cls in ERROR_CLASSES.items())
+
+
 def test_unknown_model_price_names_the_model() -> None:
     with pytest.raises(ValueError, match="no-such-model-9000"):
         price_usd("no-such-model-9000", 10, 10)
@@ -324,7 +348,10 @@ async def test_reference_file_is_resolved_against_the_yaml(tmp_path: Path) -> No
         (
             "kind: sim",
             "kind: magic",
-            "providers[0] (id 'oracle'): field 'kind': unknown kind 'magic' (known kinds: sim)",
+            (
+                "providers[0] (id 'oracle'): field 'kind': unknown kind 'magic' "
+                "(known kinds: anthropic, openai, sim)"
+            ),
         ),
         (
             "accuracy: 1.0 ",
