@@ -2,7 +2,11 @@
 rewards in the rewards topic's total order and emits TaskCompleted.
 
 reward = performance - cost_usd * cost_weight, performance 1.0 when every test passes, else
-the passed fraction (Fractal-RMO learning subsystem; Grokputer diagram 4).
+the passed fraction (Fractal-RMO learning subsystem; Grokputer diagram 4). An *unverified*
+answer (a text task without checks: ``TaskValidated.verified`` False) is neither a pass nor
+a failure: its performance is :data:`UNVERIFIED_PERFORMANCE`, halfway between the two, the
+same for every provider, so such tasks teach the Q-table only what their cost says. The
+value is a function of the event alone, so replay rebuilds the same Q-table.
 """
 
 from __future__ import annotations
@@ -14,9 +18,15 @@ from streams.config import Settings
 from streams.projections import CountersProjection, QTableProjection, TaskStatusProjection
 from streams.stage import Consumer, Tx
 
+UNVERIFIED_PERFORMANCE = 0.5
+"""Performance of an answer nothing checked: between a failure (0.0) and a pass (1.0)."""
+
 
 def performance(v: TaskValidated) -> float:
-    """1.0 when validation passed, else tests_passed / tests_total (0.0 without tests)."""
+    """1.0 when validation passed, :data:`UNVERIFIED_PERFORMANCE` when nothing verified the
+    answer, else tests_passed / tests_total (0.0 without tests)."""
+    if not v.verified:
+        return UNVERIFIED_PERFORMANCE
     if v.passed:
         return 1.0
     return v.tests_passed / v.tests_total if v.tests_total else 0.0
@@ -43,7 +53,7 @@ class RewardStage(Consumer):
                            next_state=qlearning.next_state(v.state, v.provider),
                            performance=perf, cost_usd=v.cost_usd, cost_weight=self.cost_weight,
                            reward=reward(perf, v.cost_usd, self.cost_weight), passed=v.passed,
-                           provider=v.provider, tokens=v.tokens)
+                           verified=v.verified, provider=v.provider, tokens=v.tokens)
         tx.emit("rewards", make_event(r, producer="learning.reward", cause=event), key="qtable")
 
 

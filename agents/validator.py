@@ -1,5 +1,9 @@
-"""Validator stage: TaskExecuted -> levels syntax, static, security, tests (sandbox),
-performance -> TaskValidated, plus one ErrorLogged per failure (SPEC §4)."""
+"""Validator stage: TaskExecuted -> the levels of the task's kind (code: syntax, static,
+security, tests in the sandbox, performance; json: json, schema, expected; text: text; see
+agents/validation.py) -> TaskValidated, plus one ErrorLogged per failure (SPEC §4).
+
+A text task without checks is validated ``verified=False`` (and not passed) with no level
+and no ErrorLogged: nothing failed, nothing was checked."""
 
 from __future__ import annotations
 
@@ -31,7 +35,11 @@ class ValidatorStage(Consumer):
         requests = [ValidationRequest(key=e.event_id, code=e.payload.chosen_text,
                                       entry_point=e.payload.entry_point, test=e.payload.test,
                                       kind=e.payload.kind,
-                                      time_limit_ms=e.payload.time_limit_ms)
+                                      time_limit_ms=e.payload.time_limit_ms,
+                                      json_schema=e.payload.json_schema,
+                                      expected=e.payload.expected,
+                                      must_match=e.payload.must_match,
+                                      must_contain=e.payload.must_contain)
                     for e in runnable]
         outcomes = {o.key: o for o in await validate_batch(requests, self.config)} if requests else {}
         for e in events:
@@ -43,14 +51,15 @@ class ValidatorStage(Consumer):
         if outcome is None:
             levels = [ValidationLevel(level="provider", passed=False, details="no candidate answer")]
             failures = [("PROVIDER", "NoCandidate", "every provider call failed or was refused")]
-            passed, tp, tt, dur = False, 0, 0, 0.0
+            passed, verified, tp, tt, dur = False, True, 0, 0, 0.0
         else:
-            levels, passed = outcome.levels, outcome.passed
+            levels, passed, verified = outcome.levels, outcome.passed, outcome.verified
             tp, tt, dur = outcome.tests_passed, outcome.tests_total, outcome.duration_ms
             failures = [(f.category, f.error_type, f.message) for f in outcome.failures]
         validated = TaskValidated(task_id=x.task_id, levels=levels, passed=passed, tests_passed=tp,
                                   tests_total=tt, duration_ms=dur, state=x.state, action=x.action,
-                                  provider=x.chosen, cost_usd=x.cost_usd, tokens=x.tokens)
+                                  provider=x.chosen, cost_usd=x.cost_usd, tokens=x.tokens,
+                                  verified=verified)
         tx.emit("validations", make_event(validated, producer="validator", cause=e))
         for i, (category, error_type, message) in enumerate(failures):
             err = ErrorLogged(category=category, error_type=error_type, message=message[:2000],

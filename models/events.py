@@ -8,12 +8,16 @@ model, so a single discriminated union (:data:`AnyEvent`) decodes any record and
 
 from __future__ import annotations
 
+import hashlib
 import operator
+import re
 from datetime import datetime
 from functools import reduce
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from jsonschema import Draft202012Validator, SchemaError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -27,17 +31,147 @@ class Frozen(BaseModel):
 # --------------------------------------------------------------------------- payloads
 
 
+TaskKind = Literal["code", "json", "text"]
+"""What a task asks for, and so how the validator checks the answer (SPEC §3, §4)."""
+
+_WIRE_ALIASES = ConfigDict(frozen=True, extra="forbid", serialize_by_alias=True,
+                           validate_by_name=True, validate_by_alias=True)
+"""Config of the models with a wire alias: ``json_schema`` is ``"schema"`` on the wire (a
+pydantic model cannot have a field named ``schema``: it shadows ``BaseModel.schema``), read
+under either name, always written as ``"schema"``."""
+
+_SCHEMA_DOC = ("json tasks: the JSON Schema (Draft 2020-12) the answer must satisfy; "
+               "required for kind json")
+_EXPECTED_DOC = ("json tasks: an object of field values the answer must have (keys are field "
+                 "names or dotted paths such as 'address.city' or 'items.0.id'; compared as "
+                 "JSON values); text tasks: the answer, compared after whitespace normalisation")
+_MUST_MATCH_DOC = "text tasks: a Python regular expression the answer must contain a match of"
+_MUST_CONTAIN_DOC = ("text tasks: substrings the answer must contain (compared after "
+                     "whitespace normalisation)")
+
+
+_SCHEMA_CHECKS: dict[bytes, str | None] = {}
+"""sha256 of a schema's canonical JSON -> :func:`_schema_problem`'s verdict. Every stage
+that decodes a task re-validates its schema (about 1 ms each), so verdicts are kept; the
+map is emptied when it reaches :data:`_SCHEMA_CHECKS_MAX` entries (digests, never schemas,
+so its memory stays bounded whatever the schemas' size)."""
+_SCHEMA_CHECKS_MAX = 4096
+
+
+def _schema_problem(schema: dict[str, Any]) -> str | None:
+    """Why ``schema`` is not a valid Draft 2020-12 JSON Schema (naming where in it), or None."""
+    try:
+        canonical = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as exc:  # only Python callers can pass non-JSON values
+        return f"not a JSON document: {exc}"
+    digest = hashlib.sha256(canonical).digest()
+    if digest in _SCHEMA_CHECKS:
+        return _SCHEMA_CHECKS[digest]
+    try:
+        Draft202012Validator.check_schema(schema)
+        problem = None
+    except SchemaError as exc:
+        where = exc.json_path.removeprefix("$") or " (its root)"
+        problem = f"not a valid JSON Schema (Draft 2020-12): at schema{where}: {exc.message}"[:500]
+    except RecursionError:
+        problem = "not a valid JSON Schema: nested too deeply to check"
+    if len(_SCHEMA_CHECKS) >= _SCHEMA_CHECKS_MAX:
+        _SCHEMA_CHECKS.clear()
+    _SCHEMA_CHECKS[digest] = problem
+    return problem
+
+
+def _kind_problems(task: TaskSubmitted) -> list[str]:
+    """What ``task`` lacks for its kind or carries in vain, one message per field, each
+    naming the field as it is spelled on the wire (``"field 'schema': required for kind
+    json"``); empty when the task is consistent. Fields another kind would use are refused
+    rather than ignored, so a producer never believes a check ran that did not."""
+    kind = task.kind
+    problems = []
+    if kind == "code" and task.test is not None and not task.entry_point:
+        problems.append("field 'entry_point': required for kind code with a test "
+                        "(the function check(candidate) receives)")
+    if kind == "json":
+        if task.json_schema is None:
+            problems.append("field 'schema': required for kind json")
+        elif problem := _schema_problem(task.json_schema):
+            problems.append(f"field 'schema': {problem}")
+        if task.expected is not None and not isinstance(task.expected, dict):
+            problems.append("field 'expected': for kind json an object of field values, "
+                            f"got {type(task.expected).__name__}")
+    elif task.json_schema is not None:
+        problems.append(f"field 'schema': only for kind json (kind is {kind})")
+    if kind == "text":
+        if task.expected is not None and not isinstance(task.expected, str):
+            problems.append("field 'expected': for kind text a string, "
+                            f"got {type(task.expected).__name__}")
+        if task.must_match is not None:
+            try:
+                re.compile(task.must_match)
+            except (re.error, RecursionError, OverflowError) as exc:
+                problems.append(f"field 'must_match': not a valid regular expression: {exc}")
+    else:
+        if kind == "code" and task.expected is not None:
+            problems.append("field 'expected': only for kinds json and text (kind is code)")
+        for name, value in (("must_match", task.must_match), ("must_contain", task.must_contain)):
+            if value is not None:
+                problems.append(f"field '{name}': only for kind text (kind is {kind})")
+    return problems
+
+
 class TaskSubmitted(Frozen):
-    """A task enters the pipeline. ``test`` is HumanEval-style: it defines ``check(candidate)``."""
+    """A task enters the pipeline (SPEC §3). What it carries depends on ``kind``:
+
+    - ``code``: ``prompt`` is a Python module prefix (signature + docstring); ``test`` is
+      HumanEval-style source defining ``check(candidate)``, run on ``entry_point``.
+    - ``json``: the answer must be one JSON document satisfying ``schema`` (wire name of
+      ``json_schema``; a Draft 2020-12 JSON Schema, required) and, if given, having the
+      ``expected`` field values.
+    - ``text``: the answer is checked by ``expected`` (equal after whitespace
+      normalisation), ``must_match`` (a regex found in it) and ``must_contain`` (substrings),
+      all the given ones; with none of them the task completes ``unverified``.
+
+    ``max_cost_usd`` (USD, SPEC §3) is carried for budget policies; nothing enforces it yet.
+    A task whose fields do not fit its kind fails validation with a message naming the
+    field, so the stages dead-letter it with that reason.
+    """
+
+    model_config = _WIRE_ALIASES | ConfigDict(json_schema_extra={"allOf": [
+        # what _kind_problems enforces, stated for producers in other languages (`rmo schema`)
+        {"if": {"properties": {"kind": {"const": "json"}}, "required": ["kind"]},
+         "then": {"required": ["schema"],
+                  "properties": {"schema": {"type": "object"},
+                                 "expected": {"type": ["object", "null"]}}}},
+        {"if": {"properties": {"kind": {"const": "text"}}, "required": ["kind"]},
+         "then": {"properties": {"expected": {"type": ["string", "null"]}}}},
+        {"if": {"properties": {"kind": {"const": "code"}, "test": {"type": "string"}},
+                "required": ["kind", "test"]},
+         "then": {"required": ["entry_point"]}},
+    ]})
 
     task_id: str = Field(min_length=1, max_length=256)
-    kind: Literal["code", "text"]
+    kind: TaskKind
     prompt: str
     entry_point: str | None = None
     test: str | None = None
     priority: int = Field(default=3, ge=1, le=5)
     budget_tokens: int | None = Field(default=None, ge=1)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema",
+                                               description=_SCHEMA_DOC)
+    expected: Any = Field(default=None, description=_EXPECTED_DOC)
+    must_match: str | None = Field(default=None, description=_MUST_MATCH_DOC)
+    must_contain: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, min_length=1, description=_MUST_CONTAIN_DOC)
+    max_cost_usd: float | None = Field(default=None, ge=0, description="spending cap in USD")
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> TaskSubmitted:
+        problems = _kind_problems(self)
+        if problems:
+            # a model-level error has no field location: the message itself names the fields
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class AnalyzerResult(Frozen):
@@ -85,6 +219,25 @@ class ProviderSelected(Frozen):
     skipped_open: list[str] = Field(default_factory=list)
 
 
+class FallbackSelected(Frozen):
+    """The executor asks another provider because no provider asked so far answered the task
+    (every call failed, after retries): SPEC §4 executor, agents/executor.py step 4.
+
+    ``action`` is the routing action this falls back from ("none" when no action was
+    admissible); it stays the task's action. ``from_providers`` lists the providers that gave
+    no answer so far, in the order they were asked (the action's, then earlier fallbacks);
+    ``to_provider`` is the provider asked now; ``attempt`` counts fallbacks from 1 (at most
+    ``RMO_MAX_FALLBACKS``); ``reason`` names each earlier provider's failed calls by
+    ``error_type``, e.g. ``"flaky: rate_limited, server_error, rate_limited"``."""
+
+    task_id: str
+    action: str
+    from_providers: list[str]
+    to_provider: str
+    reason: str
+    attempt: int = Field(ge=1)
+
+
 class ProviderCall(Frozen):
     """Shared fields of a completed or failed provider call. Latency in ms, cost in USD."""
 
@@ -124,6 +277,12 @@ class Candidate(Frozen):
 
 
 class TaskExecuted(Frozen):
+    """The chosen answer and, carried on from the task (event-carried state transfer), what
+    the validator checks it against: ``kind`` and its fields as in :class:`TaskSubmitted`
+    (``json_schema`` is ``"schema"`` on the wire)."""
+
+    model_config = _WIRE_ALIASES
+
     task_id: str
     state: str
     action: str
@@ -134,11 +293,16 @@ class TaskExecuted(Frozen):
     agreement: float = Field(ge=0.0, le=1.0)
     cost_usd: float = Field(ge=0)
     tokens: int = Field(ge=0)
-    kind: Literal["code", "text"] = "code"
+    kind: TaskKind = "code"
     entry_point: str | None = None
     test: str | None = None
     prompt: str = ""
     time_limit_ms: float = 5000.0
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema",
+                                               description=_SCHEMA_DOC)
+    expected: Any = Field(default=None, description=_EXPECTED_DOC)
+    must_match: str | None = Field(default=None, description=_MUST_MATCH_DOC)
+    must_contain: list[str] | None = Field(default=None, description=_MUST_CONTAIN_DOC)
 
 
 class ValidationLevel(Frozen):
@@ -155,6 +319,11 @@ class ValidationLevel(Frozen):
 
 
 class TaskValidated(Frozen):
+    """The validator's verdict. ``verified`` is False when nothing could check the answer
+    (a text task without ``expected``, ``must_match`` or ``must_contain``): then ``passed``
+    is False too, the task completes ``unverified`` and ``levels`` is empty. Events written
+    before the field existed were all verified (the default)."""
+
     task_id: str
     levels: list[ValidationLevel]
     passed: bool
@@ -166,6 +335,7 @@ class TaskValidated(Frozen):
     provider: str | None
     cost_usd: float = Field(ge=0)
     tokens: int = Field(ge=0)
+    verified: bool = True
 
 
 ErrorCategory = Literal[
@@ -182,8 +352,13 @@ class ErrorLogged(Frozen):
     context: dict[str, Any] = Field(default_factory=dict)
 
 
+CompletionStatus = Literal["passed", "failed", "unverified", "rejected", "dead_lettered"]
+
+
 class RewardComputed(Frozen):
-    """reward = performance - cost_usd * cost_weight (Grokputer diagram 4)."""
+    """reward = performance - cost_usd * cost_weight (Grokputer diagram 4). ``passed`` and
+    ``verified`` are the validation's (see :class:`TaskValidated`); their combination is
+    the task's final status, :attr:`completion_status`."""
 
     task_id: str
     state: str
@@ -196,11 +371,24 @@ class RewardComputed(Frozen):
     passed: bool
     provider: str | None
     tokens: int = Field(ge=0)
+    verified: bool = True
+
+    @property
+    def completion_status(self) -> CompletionStatus:
+        """The ``TaskCompleted.status`` this reward ends its task with: ``unverified`` when
+        nothing checked the answer, else ``passed`` or ``failed``."""
+        if not self.verified:
+            return "unverified"
+        return "passed" if self.passed else "failed"
 
 
 class TaskCompleted(Frozen):
+    """A task's end. ``status``: ``passed`` / ``failed`` (validated), ``unverified`` (an
+    answer nothing could check: a text task without checks), ``rejected``, ``dead_lettered``
+    (an event of the task could not be processed; ``result`` is the reason)."""
+
     task_id: str
-    status: Literal["passed", "failed", "rejected", "dead_lettered"]
+    status: CompletionStatus
     result: str | None = None
     provider: str | None = None
     action: str | None = None
@@ -271,6 +459,7 @@ PAYLOADS: dict[str, type[Frozen]] = {
         TaskSubmitted,
         TaskAnalyzed,
         ProviderSelected,
+        FallbackSelected,
         ProviderCallCompleted,
         ProviderCallFailed,
         BreakerTransitioned,

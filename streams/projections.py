@@ -290,7 +290,7 @@ class QTableProjection:
                 touched.add((s, a))
             updates += 1
             latency = (e.occurred_at - datetime.fromisoformat(sub)).total_seconds() * 1000 if sub else 0.0
-            done = TaskCompleted(task_id=r.task_id, status="passed" if r.passed else "failed",
+            done = TaskCompleted(task_id=r.task_id, status=r.completion_status,
                                  provider=r.provider, action=r.action, cost_usd=r.cost_usd,
                                  tokens=r.tokens, latency_ms=max(latency, 0.0))
             tx.emit("tasks", make_event(done, producer="learning.qtable", cause=e))

@@ -225,9 +225,10 @@ class BatchRunner:
             try:
                 event = decode(r.value)
             except CodecError as exc:
-                # an oversized record is never read, but its key names its task (SPEC §3), so
-                # that task can still complete; other undecodable bytes claim nothing
-                task_id = self._keyed_task(r) if exc.kind == "oversized" else None
+                # an oversized record, or one failing its schema (e.g. a json task without its
+                # schema), is never processed, but its key names its task (SPEC §3), so that
+                # task can still complete; bytes that are not even an envelope claim nothing
+                task_id = self._keyed_task(r) if exc.kind in ("oversized", "schema") else None
                 self._dead_letter(tx, r, str(exc), exc.kind, None, task_id)
                 continue
             if event.event_id in sources:  # duplicate inside one batch

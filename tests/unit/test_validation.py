@@ -209,14 +209,16 @@ async def test_slow_solution_fails_performance() -> None:
 async def test_requests_without_tests_and_text_answers() -> None:
     no_test = canonical("HumanEval/0", test=None)
     text = ValidationRequest("t1", "Paris is the capital of France.", None, None, kind="text")
-    outcomes = await validate_batch([no_test, text], FAST)
-    for outcome in outcomes:
-        assert outcome.passed
-        assert outcome.levels[-1].level == "tests"
-        assert outcome.levels[-1].details == "no tests"
+    code, prose = await validate_batch([no_test, text], FAST)
+    assert code.passed and code.verified
+    assert code.levels[-1].level == "tests"
+    assert code.levels[-1].details == "no tests"
+    assert level_names(code) == ["syntax", "static", "security", "tests"]
+    # prose is not checked as a program, and a text task without checks is unverified
+    # (tests/unit/test_task_kinds.py covers the text checks)
+    assert (prose.passed, prose.verified, prose.levels, prose.failures) == (False, False, [], [])
+    for outcome in (code, prose):
         assert (outcome.tests_passed, outcome.tests_total) == (0, 0)
-    assert level_names(outcomes[0]) == ["syntax", "static", "security", "tests"]
-    assert level_names(outcomes[1]) == ["tests"]  # prose is not checked as a program
 
 
 async def test_file_bandit_cannot_scan_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
