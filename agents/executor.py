@@ -1,21 +1,75 @@
-"""Executor stage: TaskAnalyzed -> routing decision -> provider calls -> consensus -> TaskExecuted.
+"""Executor stage: TaskAnalyzed -> routing decision -> provider calls, retries and fallbacks ->
+consensus -> TaskExecuted.
 
-Per batch (SPEC §4): the Q-table and breaker states are read once; each task's action is
-chosen in batch order (the state includes the previous choice); then every task's provider
-calls run concurrently, each bounded by the executor timeout (default 30 s). Every call is a
-``ProviderCallCompleted``/``ProviderCallFailed`` event keyed by provider on the calls topic;
-the decision with its propensities is a ``ProviderSelected`` on the decisions topic.
+The protocol, per batch (SPEC §4). Steps 3-5 run for every task of the batch concurrently, so
+one process keeps many provider calls in flight; the batch ends when every task has its
+``TaskExecuted``, and only then are offsets committed (streams/stage.py).
+
+1. **Admit.** Read the Q-table and every provider's breaker once. An open breaker rejects its
+   provider (fail fast). A half-open one admits trial calls: the batch takes what is left of
+   the ``breaker_half_open_max_calls`` permits that every executor process shares (one atomic
+   Lua script on ``{ns}:eph:halfopen:{provider}:{opened_at_ms}``). Each task that calls a
+   half-open provider spends one permit, routing action and fallback alike, and a trial call
+   is a single attempt: any failure reopens the breaker.
+2. **Decide**, task by task in batch order (the state includes the previous choice): the
+   ε-greedy policy picks among the actions whose providers are all admitted, and the choice
+   with its propensities is a ``ProviderSelected`` on the decisions topic. The fallback order
+   is fixed here too: the providers outside the action, by the Q-value of their
+   ``{provider}:single`` action in the task's state, descending, ties in registry order.
+3. **Call** the action's providers concurrently, each call bounded by ``provider_timeout_s``
+   (30 s). A failed call is retried while its ``ProviderError.retryable`` says a repeat may
+   succeed (429, 408, 409, 5xx, Anthropic's 529, timeouts, lost connections, malformed
+   bodies), up to ``max_attempts`` (3) attempts in all, waiting the longer of the provider's
+   Retry-After and an exponential backoff with jitter (tenacity's ``wait_exponential_jitter``:
+   ``retry_backoff_s * 2**(n-1) + U(0, retry_backoff_s)`` s before retry n, at most
+   ``retry_backoff_max_s``). A Retry-After longer than ``retry_after_cap_s`` ends that
+   provider's attempts instead: calling sooner would be refused again, and a fallback may
+   answer now. Errors that a repeat cannot fix (auth, bad request, context length exceeded)
+   are not retried. Every attempt is a ``ProviderCallCompleted`` or ``ProviderCallFailed`` on
+   the calls topic keyed by provider (the breakers' input, streams/projections.py), and every
+   failure also an ``ErrorLogged`` of category PROVIDER on the errors topic.
+4. **Fall back.** While no provider asked has answered, ask the next provider of the fallback
+   order, one at a time and with the retries of step 3, at most ``max_fallbacks`` (2) of them;
+   each is recorded first as a ``FallbackSelected`` on the decisions topic. A provider its
+   breaker does not admit (step 1: open, or half-open with its permits spent) is passed over
+   and not counted.
+5. **Combine** the answers by the action's consensus strategy into one ``TaskExecuted``:
+   ``candidates`` name the providers that answered, ``chosen`` the winner; cost (USD) and
+   tokens count every call of the task, failed and fallback ones included. A task is left
+   without an answer only when no provider asked could give one.
+6. **Release** the trial permits the batch took and did not spend.
+
+Learning. ``TaskExecuted.action`` stays the policy's action when a fallback answered, so the
+reward (the fallback answer's validation, minus the cost of every call) updates
+Q(state, action) of the action the policy chose, with its logged propensity: the value learned
+is that of "ask these providers, falling back as above if none answers", which is what the
+policy controls. Crediting the fallback provider's own ``{provider}:single`` action instead
+would update an action that was not chosen, with no propensity for offline evaluation to weight
+it by. A provider that keeps failing is kept out by its breaker, the cost of its failed calls
+is in the reward, and ``FallbackSelected`` lets offline evaluation tell fallback answers apart.
+The reward's ``next_state`` names the provider that answered (the validator's ``provider``);
+the next decision's state in this process names the policy's provider (chosen before any
+call).
+
+Event ids are derived from (input event, producer, attempt, provider), so a re-run after a
+crash re-produces the same ids; the waits between attempts are not part of the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 import orjson
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from agents import qlearning
 from agents.breaker import BreakerConfig, BreakerState, admission
@@ -27,14 +81,14 @@ from agents.providers.base import (
     ProviderRequest,
     ProviderResponse,
     ProviderTimeout,
-    RateLimited,
-    ServerError,
 )
 from agents.sandbox import arun_python, resolve_mode
 from models.codec import make_event
 from models.events import (
     Candidate,
     Envelope,
+    ErrorLogged,
+    FallbackSelected,
     ProviderCallCompleted,
     ProviderCallFailed,
     ProviderSelected,
@@ -43,9 +97,31 @@ from models.events import (
 )
 from streams.config import Settings
 from streams.projections import CountersProjection, TaskStatusProjection
-from streams.stage import Consumer, Tx
+from streams.stage import REDIS_DOWN, Consumer, Tx
 
-RETRYABLE = (RateLimited, ServerError, ProviderTimeout)
+Sleep = Callable[[float], Awaitable[None]]
+"""How the executor waits between attempts (seconds); tests inject one that records."""
+
+_TAKE_PERMITS = """
+-- KEYS[1]: a half-open breaker's permit counter; ARGV: permits in all, counter ttl (s).
+-- Takes every permit left (possibly none) and returns how many.
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+local granted = math.max(0, tonumber(ARGV[1]) - used)
+if granted > 0 then
+  redis.call('INCRBY', KEYS[1], granted)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return granted
+"""
+
+_RETURN_PERMITS = """
+-- KEYS[1]: a permit counter; ARGV[1]: permits given back. An expired counter has freed them.
+local used = tonumber(redis.call('GET', KEYS[1]))
+if used then
+  redis.call('SET', KEYS[1], math.max(0, used - tonumber(ARGV[1])), 'KEEPTTL')
+end
+return 0
+"""
 
 
 @dataclass(frozen=True)
@@ -68,34 +144,71 @@ def build_actions(provider_ids: Sequence[str], strategies: Sequence[str]) -> lis
 
 @dataclass
 class _Outcome:
-    """One provider's answer (None when every attempt failed) and what all attempts cost."""
+    """One provider's answer (None when every attempt failed), what all its attempts cost
+    (USD, tokens) and the ``error_type`` of each failed attempt, in order."""
 
     provider: str
     response: ProviderResponse | None
     cost_usd: float = 0.0
     tokens: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Admission:
+    """Which providers a batch may call (step 1).
+
+    ``rejected``: providers whose breaker is open. ``permits``: half-open provider -> trial
+    calls the batch may still make; ``permit_keys``: the shared counter each came from."""
+
+    rejected: frozenset[str]
+    permits: dict[str, int]
+    permit_keys: dict[str, str]
+
+    def admits(self, provider: str) -> bool:
+        return provider not in self.rejected and self.permits.get(provider, 1) > 0
+
+    def is_trial(self, provider: str) -> bool:
+        return provider in self.permits
+
+    def take(self, provider: str) -> bool:
+        """Admit one task's call of ``provider``, spending a permit if it is half-open."""
+        if not self.admits(provider):
+            return False
+        if provider in self.permits:
+            self.permits[provider] -= 1
+        return True
 
 
 @dataclass(frozen=True)
 class _Plan:
+    """One task's decision (step 2). ``trial``: the action's providers called on a half-open
+    permit; ``fallbacks``: the fallback order of step 4; ``skipped_open``: providers not
+    admitted when the task was decided."""
+
     state: str
     action: Action | None
     choice: qlearning.Choice | None
     epsilon: float
     skipped_open: tuple[str, ...]
+    fallbacks: tuple[str, ...]
+    trial: frozenset[str] = frozenset()
     policy: str = "epsilon-greedy"
 
 
 class ExecutorStage(Consumer):
+    """The executor (module docstring: the protocol)."""
+
     name = "executor"
     source = "analyses"
     handles = frozenset({"TaskAnalyzed"})
     projections = (TaskStatusProjection(), CountersProjection())
 
-    def __init__(self, providers: dict[str, Provider], settings: Settings, max_attempts: int = 2,
-                 forced_actions: dict[str, str] | None = None) -> None:
-        """``forced_actions`` (task id -> action name) replaces the policy for those tasks:
-        re-execution replays the recorded decision instead of deciding again.
+    def __init__(self, providers: dict[str, Provider], settings: Settings,
+                 forced_actions: dict[str, str] | None = None, sleep: Sleep = asyncio.sleep) -> None:
+        """``providers`` in registry order (the fallback tie-break). ``forced_actions`` (task
+        id -> action name) replaces the policy for those tasks: re-execution replays the
+        recorded decision instead of deciding again. ``sleep`` waits between attempts.
 
         Building the stage does not check ``settings.sandbox``: replay builds stages it never
         runs. Whoever runs it checks first (:func:`agents.sandbox.resolve_mode` at worker
@@ -103,11 +216,14 @@ class ExecutorStage(Consumer):
         self.forced_actions = forced_actions or {}
         self.providers = providers
         self.settings = settings
-        self.max_attempts = max_attempts
+        self.sleep = sleep
         self.actions = build_actions(list(providers), settings.strategies)
         self.qcfg = qconfig(settings)
         self.bcfg = breaker_config(settings)
         self.previous: str | None = None
+        self._backoff = wait_exponential_jitter(multiplier=settings.retry_backoff_s,
+                                                max=settings.retry_backoff_max_s,
+                                                jitter=settings.retry_backoff_s)
 
     async def process(self, events: Sequence[Envelope], tx: Tx) -> None:
         k = tx.keys
@@ -121,40 +237,60 @@ class ExecutorStage(Consumer):
         eps = qlearning.epsilon(int(updates or 0), self.qcfg)
         now_ms = int(time.time() * 1000)
         states = {p: BreakerState.from_hash(h) for p, h in zip(self.providers, breakers)}
-        blocked = await self._blocked(states, now_ms, tx)
+        adm = await self._admission(states, now_ms, tx)
         plans: list[tuple[Envelope, _Plan]] = []
         for e in events:
             try:
-                plans.append((e, self._decide(e, q, eps, blocked)))
+                plans.append((e, self._decide(e, q, eps, adm)))
             except (ValueError, KeyError, AttributeError) as exc:  # one bad event must not sink the batch
                 tx.fail(e, exc)
-        results = await asyncio.gather(*(self._execute(e, plan, tx) for e, plan in plans),
+        results = await asyncio.gather(*(self._execute(e, plan, adm, tx) for e, plan in plans),
                                        return_exceptions=True)
+        await self._release(adm, tx)
         for (e, _), r in zip(plans, results):
             if isinstance(r, Exception):
                 tx.fail(e, r)
             elif isinstance(r, BaseException):
                 raise r
 
-    async def _blocked(self, states: dict[str, BreakerState], now_ms: int, tx: Tx) -> set[str]:
-        """Providers whose breaker rejects calls now; half-open ones need a trial permit."""
-        blocked = set()
+    async def _admission(self, states: dict[str, BreakerState], now_ms: int, tx: Tx) -> _Admission:
+        """Step 1: open breakers reject; half-open ones get the permits left to this batch."""
+        rejected: set[str] = set()
+        permits: dict[str, int] = {}
+        keys: dict[str, str] = {}
+        # a crashed executor's permits come back when the counter expires, after the open
+        # timeout twice over (a new half-open period has a new counter anyway)
+        ttl_s = int(self.bcfg.open_timeout_ms / 1000) * 2 + 10
         for p, s in states.items():
             verdict = admission(s, now_ms, self.bcfg)
             if verdict == "reject":
-                blocked.add(p)
+                rejected.add(p)
             elif verdict == "trial":
-                key = tx.keys.ephemeral("halfopen", p, s.opened_at_ms)
-                n = await tx.redis.incr(key)
-                await tx.redis.expire(key, int(self.bcfg.open_timeout_ms / 1000) * 2 + 10)
-                if n > self.bcfg.half_open_max_calls:
-                    blocked.add(p)
-        return blocked
+                keys[p] = tx.keys.ephemeral("halfopen", p, s.opened_at_ms)
+                permits[p] = int(await tx.redis.eval(_TAKE_PERMITS, 1, keys[p],
+                                                     self.bcfg.half_open_max_calls, ttl_s))
+        return _Admission(frozenset(rejected), permits, keys)
 
-    def _decide(self, e: Envelope, q: qlearning.QTable, eps: float, blocked: set[str]) -> _Plan:
+    async def _release(self, adm: _Admission, tx: Tx) -> None:
+        """Step 6: give back the permits no task spent, so other batches may trial."""
+        try:
+            for p, left in adm.permits.items():
+                if left:
+                    await tx.redis.eval(_RETURN_PERMITS, 1, adm.permit_keys[p], left)
+        except REDIS_DOWN:
+            # the counter's expiry frees them; raising would make the runner re-run the batch,
+            # calling every provider again
+            pass
+
+    def _decide(self, e: Envelope, q: qlearning.QTable, eps: float, adm: _Admission) -> _Plan:
+        """Step 2 for one task: its action, propensities, trial permits and fallback order.
+
+        Raises:
+            ValueError: a forced (recorded) action is not among this stage's actions.
+        """
         a: TaskAnalyzed = e.payload
         state = qlearning.make_state(self.previous, a.features.task_type, a.features.complexity)
-        skipped = tuple(sorted(blocked))
+        skipped = tuple(sorted(p for p in self.providers if not adm.admits(p)))
         forced = self.forced_actions.get(a.task_id)
         if forced is not None:
             action = next((x for x in self.actions if x.name == forced), None)
@@ -162,23 +298,45 @@ class ExecutorStage(Consumer):
                 raise ValueError(f"recorded action {forced!r} is not available; actions: "
                                  f"{[x.name for x in self.actions]}")
             return _Plan(state, action, qlearning.Choice(forced, False, {forced: 1.0}, {}), 0.0,
-                         skipped, policy="replay")
-        # an open breaker removes every action that would call that provider
-        usable = [x for x in self.actions if not set(x.providers) & blocked]
+                         skipped, self._fallback_order(state, action, q), policy="replay")
+        # a breaker that does not admit its provider removes every action calling it
+        usable = [x for x in self.actions if all(adm.admits(p) for p in x.providers)]
         if not usable:
-            return _Plan(state, None, None, eps, skipped)
+            return _Plan(state, None, None, eps, skipped, self._fallback_order(state, None, q))
         rng = qlearning.seeded_rng(e.event_id, self.settings.seed)
         choice = qlearning.select(state, [x.name for x in usable], q, eps, rng)
         action = next(x for x in usable if x.name == choice.action)
+        trial = frozenset(p for p in action.providers if adm.is_trial(p))
+        for p in action.providers:
+            adm.take(p)
         self.previous = action.providers[0] if len(action.providers) == 1 else "all"
-        return _Plan(state, action, choice, eps, skipped)
+        return _Plan(state, action, choice, eps, skipped, self._fallback_order(state, action, q),
+                     trial)
 
-    async def _execute(self, e: Envelope, plan: _Plan, tx: Tx) -> None:
+    def _fallback_order(self, state: str, action: Action | None, q: qlearning.QTable) -> tuple[str, ...]:
+        """Providers outside ``action`` by Q(state, ``{provider}:single``) descending (0.0 when
+        unvisited), ties in registry order; step 4 admits each when its turn comes."""
+        row = q.get(state, {})
+        rest = [p for p in self.providers if action is None or p not in action.providers]
+        return tuple(sorted(rest, key=lambda p: -row.get(f"{p}:single", 0.0)))  # stable sort
+
+    async def _execute(self, e: Envelope, plan: _Plan, adm: _Admission, tx: Tx) -> None:
+        """Steps 3-5 for one task.
+
+        Raises:
+            ValueError: the TaskAnalyzed carries no task.
+        """
         a: TaskAnalyzed = e.payload
         task = a.task
         if task is None:
             raise ValueError("TaskAnalyzed without its task: cannot execute")
         action = plan.action
+
+        def request(attempt: int) -> ProviderRequest:
+            return ProviderRequest(task_id=a.task_id, prompt=task.prompt, kind=task.kind,
+                                   entry_point=task.entry_point, task_type=a.features.task_type,
+                                   attempt=attempt, json_schema=task.json_schema)
+
         outcomes: list[_Outcome] = []
         if action is not None and plan.choice is not None:
             tx.emit("decisions", make_event(ProviderSelected(
@@ -188,14 +346,9 @@ class ExecutorStage(Consumer):
                 action_probabilities=plan.choice.probabilities, q_values=plan.choice.q_values,
                 skipped_open=list(plan.skipped_open),
             ), producer="executor.policy", cause=e))
-
-            def request(attempt: int) -> ProviderRequest:
-                return ProviderRequest(task_id=a.task_id, prompt=task.prompt, kind=task.kind,
-                                       entry_point=task.entry_point,
-                                       task_type=a.features.task_type, attempt=attempt)
-
-            outcomes = list(await asyncio.gather(*(self._call(p, request, e, tx)
+            outcomes = list(await asyncio.gather(*(self._call(p, request, e, tx, p in plan.trial)
                                                    for p in action.providers)))
+        outcomes = await self._fall_back(plan, outcomes, request, e, adm, tx)
         answered = [o for o in outcomes if o.response is not None]
         result = await self._consensus(action.strategy if action else "single", answered, task)
         executed = TaskExecuted(
@@ -204,45 +357,85 @@ class ExecutorStage(Consumer):
             consensus_strategy=result.strategy, chosen=result.chosen.provider if result.chosen else None,
             chosen_text=result.chosen.text if result.chosen else None, agreement=result.agreement,
             cost_usd=sum(o.cost_usd for o in outcomes), tokens=sum(o.tokens for o in outcomes),
-            kind=task.kind,
+            kind=task.kind, json_schema=task.json_schema, expected=task.expected,
+            must_match=task.must_match, must_contain=task.must_contain,
             entry_point=task.entry_point, test=task.test, prompt=task.prompt,
             time_limit_ms=float(_time_limit(a)),
         )
         tx.emit("executions", make_event(executed, producer="executor", cause=e))
 
-    async def _call(self, provider_id: str, request, cause: Envelope, tx: Tx) -> _Outcome:
-        """Call one provider, retrying 429/5xx/timeouts (tenacity, honouring Retry-After) up to
-        ``max_attempts``; every attempt is one event on the calls topic."""
+    async def _fall_back(self, plan: _Plan, outcomes: list[_Outcome],
+                         request: Callable[[int], ProviderRequest], cause: Envelope,
+                         adm: _Admission, tx: Tx) -> list[_Outcome]:
+        """Step 4: while nobody answered, ask the next admitted provider of the fallback order
+        (at most ``max_fallbacks``), each announced by a ``FallbackSelected``. Returns
+        ``outcomes`` followed by the fallbacks' outcomes."""
+        outcomes = list(outcomes)
+        asked = 0
+        for p in plan.fallbacks:
+            if asked >= self.settings.max_fallbacks or any(o.response is not None for o in outcomes):
+                break
+            trial = adm.is_trial(p)
+            if not adm.take(p):
+                continue  # its breaker is open, or half-open with its permits spent
+            asked += 1
+            tx.emit("decisions", make_event(FallbackSelected(
+                task_id=cause.payload.task_id, action=plan.action.name if plan.action else "none",
+                from_providers=[o.provider for o in outcomes], to_provider=p,
+                reason=_no_answer_reason(outcomes), attempt=asked,
+            ), producer="executor.fallback", cause=cause, attempt=asked))
+            outcomes.append(await self._call(p, request, cause, tx, trial))
+        return outcomes
+
+    async def _call(self, provider_id: str, request: Callable[[int], ProviderRequest],
+                    cause: Envelope, tx: Tx, trial: bool = False) -> _Outcome:
+        """Step 3 for one provider: up to ``max_attempts`` attempts (one on a trial permit)
+        while the error is retryable, tenacity waiting :meth:`_wait` between them. Returns the
+        outcome; a call that never answered has ``response`` None."""
         provider = self.providers[provider_id]
         out = _Outcome(provider.id, None)
+        attempts = 1 if trial else self.settings.max_attempts
         try:
-            # the first attempt runs outside tenacity: most calls succeed, and building a
-            # retrying controller per call costs as much as an instant provider's answer
             await self._attempt(provider, request, 0, cause, tx, out)
             return out
-        except RETRYABLE as exc:
-            if self.max_attempts < 2:
-                return out
-            await asyncio.sleep(_wait_seconds(exc))
-        except ProviderError:
-            return out
+        except ProviderError as exc:
+            first = exc
         try:
-            async for attempt in AsyncRetrying(stop=stop_after_attempt(self.max_attempts - 1),
-                                               retry=retry_if_exception_type(RETRYABLE),
-                                               wait=_retry_after, reraise=True):
+            async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts),
+                                               retry=retry_if_exception(self._retryable),
+                                               wait=self._wait, sleep=self.sleep, reraise=True):
                 with attempt:
-                    await self._attempt(provider, request, attempt.retry_state.attempt_number,
-                                        cause, tx, out)
+                    n = attempt.retry_state.attempt_number - 1
+                    if n == 0:
+                        # attempt 0 ran above, outside tenacity: most calls succeed, and a
+                        # retrying controller costs ~30 µs, as much as an instant provider's
+                        # answer. Handing its failure to tenacity as its first attempt lets
+                        # tenacity count, wait and stop over all attempts.
+                        raise first
+                    await self._attempt(provider, request, n, cause, tx, out)
         except ProviderError:
             pass  # every attempt failed; each failure is already an event
         return out
 
-    async def _attempt(self, provider: Provider, request, n: int, cause: Envelope, tx: Tx,
-                       out: _Outcome) -> None:
-        """One call bounded by the executor timeout; records its event and its cost in ``out``.
+    def _retryable(self, exc: BaseException) -> bool:
+        """A repeat may succeed (the error's ``retryable``), and not later than we wait: a
+        Retry-After over ``retry_after_cap_s`` (s) gives the provider up for this task."""
+        return (isinstance(exc, ProviderError) and exc.retryable
+                and (exc.retry_after_s is None or exc.retry_after_s <= self.settings.retry_after_cap_s))
+
+    def _wait(self, retry_state: RetryCallState) -> float:
+        """Seconds before the next attempt: the longer of the failed attempt's Retry-After
+        (at most ``retry_after_cap_s``, see :meth:`_retryable`) and the jittered backoff."""
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        retry_after = getattr(exc, "retry_after_s", None) or 0.0
+        return max(retry_after, self._backoff(retry_state))
+
+    async def _attempt(self, provider: Provider, request: Callable[[int], ProviderRequest], n: int,
+                       cause: Envelope, tx: Tx, out: _Outcome) -> None:
+        """One call bounded by the executor timeout; records its events and its cost in ``out``.
 
         Raises:
-            ProviderError: the call failed (timeouts become ProviderTimeout).
+            ProviderError: the call failed (the executor's timeout becomes ProviderTimeout).
         """
         timeout = self.settings.provider_timeout_s
         started = time.perf_counter()
@@ -252,12 +445,10 @@ class ExecutorStage(Consumer):
         except TimeoutError:
             err = ProviderTimeout(f"no answer within {timeout} s",
                                   latency_ms=(time.perf_counter() - started) * 1000)
-            self._failed(provider, n, err, cause, tx)
+            self._failed(provider, n, err, cause, tx, out)
             raise err from None
         except ProviderError as err:
-            self._failed(provider, n, err, cause, tx)
-            out.cost_usd += err.cost_usd
-            out.tokens += err.input_tokens + err.output_tokens
+            self._failed(provider, n, err, cause, tx, out)
             raise
         tx.emit("calls", make_event(ProviderCallCompleted(
             task_id=cause.payload.task_id, provider=provider.id, model=resp.model, attempt=n,
@@ -269,14 +460,30 @@ class ExecutorStage(Consumer):
         out.cost_usd += resp.cost_usd
         out.tokens += resp.input_tokens + resp.output_tokens
 
-    def _failed(self, provider: Provider, attempt: int, err: ProviderError, cause: Envelope, tx: Tx) -> None:
+    def _failed(self, provider: Provider, attempt: int, err: ProviderError, cause: Envelope, tx: Tx,
+                out: _Outcome) -> None:
+        """Record a failed attempt: ``ProviderCallFailed`` (calls topic, keyed by provider),
+        ``ErrorLogged`` PROVIDER (errors topic, keyed by task), and its cost in ``out``. The
+        message is the adapter's, which never carries a secret (agents/providers/base.py)."""
+        task_id = cause.payload.task_id
+        producer = f"executor.provider.{provider.id}"
+        message = str(err)
         tx.emit("calls", make_event(ProviderCallFailed(
-            task_id=cause.payload.task_id, provider=provider.id, model=provider.model, attempt=attempt,
+            task_id=task_id, provider=provider.id, model=provider.model, attempt=attempt,
             latency_ms=err.latency_ms, input_tokens=err.input_tokens,
             output_tokens=err.output_tokens, cost_usd=err.cost_usd, error_type=err.error_type,
-            http_status=err.http_status, retry_after_s=err.retry_after_s, message=str(err)[:500],
-        ), producer=f"executor.provider.{provider.id}", cause=cause, attempt=attempt,
-            discriminator=provider.id), key=provider.id)
+            http_status=err.http_status, retry_after_s=err.retry_after_s, message=message[:500],
+        ), producer=producer, cause=cause, attempt=attempt, discriminator=provider.id), key=provider.id)
+        tx.emit("errors", make_event(ErrorLogged(
+            category="PROVIDER", error_type=err.error_type, message=message[:2000],
+            agent_id=producer, task_id=task_id,
+            context={"provider": provider.id, "model": provider.model, "attempt": attempt,
+                     "http_status": err.http_status, "retry_after_s": err.retry_after_s,
+                     "retryable": err.retryable, "latency_ms": err.latency_ms},
+        ), producer=producer, cause=cause, attempt=attempt, discriminator=f"{provider.id}:error"))
+        out.errors.append(err.error_type)
+        out.cost_usd += err.cost_usd
+        out.tokens += err.input_tokens + err.output_tokens
 
     async def _consensus(self, strategy: str, answered: list[_Outcome], task) -> ConsensusResult:
         # a single candidate needs no vote; parsing it here would repeat the validator's work
@@ -320,15 +527,12 @@ class ExecutorStage(Consumer):
         return list(await asyncio.gather(*(run(v) for v in views)))
 
 
-def _wait_seconds(exc: BaseException | None) -> float:
-    """Wait what the provider's Retry-After asks (capped at 2 s), else 50 ms."""
-    ra = getattr(exc, "retry_after_s", None)
-    return min(float(ra), 2.0) if ra else 0.05
-
-
-def _retry_after(retry_state) -> float:
-    """tenacity wait strategy: :func:`_wait_seconds` of the last attempt's exception."""
-    return _wait_seconds(retry_state.outcome.exception() if retry_state.outcome else None)
+def _no_answer_reason(outcomes: list[_Outcome]) -> str:
+    """Why a task falls back: each provider asked so far with the ``error_type`` of its failed
+    calls, e.g. ``"flaky: rate_limited, server_error"``."""
+    if not outcomes:
+        return "no routing action was admissible"
+    return "; ".join(f"{o.provider}: {', '.join(o.errors)}" for o in outcomes)
 
 
 def _parses(text: str) -> bool:

@@ -41,6 +41,18 @@ class Settings(BaseSettings):
     breaker_open_timeout_s: float = 60.0
     breaker_success_threshold: int = 2
     breaker_half_open_max_calls: int = 2
+    # retries (agents.executor): attempts per provider and task, first call included; 3 as
+    # the openai and anthropic SDKs (DEFAULT_MAX_RETRIES = 2), whose own retries the
+    # executor replaces. Backoff before retry n (1, 2, ...) is retry_backoff_s * 2**(n-1)
+    # plus up to retry_backoff_s of jitter, at most retry_backoff_max_s (the SDKs' 0.5 s and
+    # 8 s), or the provider's Retry-After when longer; a Retry-After over retry_after_cap_s
+    # is not waited for: that provider is given up for the task and the executor falls back.
+    max_attempts: int = Field(default=3, ge=1)
+    retry_backoff_s: float = Field(default=0.5, ge=0)
+    retry_backoff_max_s: float = Field(default=8.0, ge=0)
+    retry_after_cap_s: float = Field(default=10.0, ge=0)
+    # providers asked after the routing action's gave no answer (0: no fallback)
+    max_fallbacks: int = Field(default=2, ge=0)
 
     # validator
     # untrusted code: bwrap/auto refuse to start without bwrap, subprocess opts into reduced

@@ -80,7 +80,7 @@ async def reexecute(settings: Settings, registry: TopicRegistry, redis: Redis,
     history = await task_history(settings, registry, task_id,
                                  ("tasks", "decisions", "calls", "validations"))
     submitted = [e for e in history["tasks"] if e.event_type == "TaskSubmitted"]
-    decisions = history["decisions"]
+    decisions = [e for e in history["decisions"] if e.event_type == "ProviderSelected"]
     if not submitted or not decisions:
         raise NothingToReexecute(f"{task_id}: the log has no submission and routing decision for it")
     original, decision = submitted[-1], decisions[-1]

@@ -102,7 +102,7 @@ async def test_wrong_answers_fail_validation_and_log_errors(settings, topics, tm
 async def test_breaker_opens_on_failures_and_provider_is_skipped(settings, topics, tmp_path):
     s = settings.model_copy(update={"providers_file": providers_file(
         tmp_path, "providers:\n" + sim("flaky", error_rate=1.0))})
-    first = humaneval_tasks(4)  # 4 tasks x 2 attempts = 8 failures > threshold 5
+    first = humaneval_tasks(4)  # 4 tasks x 3 attempts = 12 failures > threshold 5
     later = humaneval_tasks(8)[4:]
     with worker(s, tmp_path) as log:
         await submit(s, topics, first)

@@ -212,7 +212,8 @@ def _descends(events: list[dict], root_id: str) -> bool:
 async def _pick(history: History, status: str) -> str:
     """A task with this final status whose decision called one provider (see the xfail test
     below for multi-provider actions)."""
-    decisions = {e.payload.task_id: e.payload for e in await events(history.settings, history.registry, "decisions")}
+    decisions = {e.payload.task_id: e.payload for e in await events(history.settings, history.registry, "decisions")
+                 if e.event_type == "ProviderSelected"}
     for task_id, done in sorted(history.completed.items()):
         if done.payload.status == status and task_id in decisions and len(decisions[task_id].providers) == 1:
             return task_id

@@ -26,6 +26,7 @@ from models.events import (
     Candidate,
     DeadLettered,
     ErrorLogged,
+    FallbackSelected,
     MetricsSnapshot,
     ProviderCallCompleted,
     ProviderCallFailed,
@@ -58,6 +59,10 @@ def _payloads() -> dict[str, object]:
     """One valid, non-trivial instance of every payload type."""
     return {
         "TaskSubmitted": _submitted(),
+        "FallbackSelected": FallbackSelected(
+            task_id="t1", action="openai:single", from_providers=["openai"], to_provider="claude",
+            reason="openai: rate_limited, server_error, rate_limited", attempt=1,
+        ),
         "TaskAnalyzed": TaskAnalyzed(
             task_id="t1",
             analyses=[AnalyzerResult(name="complexity", confidence=0.8, issues=["long"],
