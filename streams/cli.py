@@ -39,7 +39,7 @@ from models.codec import (
     make_event,
 )
 from models.events import Envelope, TaskSubmitted
-from streams import liveness, locate
+from streams import liveness, locate, service
 from streams.client import EventProducer, read_topic
 from streams.config import Settings
 from streams.embedded import EmbeddedServiceError
@@ -50,6 +50,8 @@ app = typer.Typer(help="Fractal-RMO: event-sourced multi-agent LLM orchestration
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 topics_app = typer.Typer(help="Topics of topics.yaml.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+providers_app = typer.Typer(help="The configured LLM providers.", no_args_is_help=True)
+app.add_typer(providers_app, name="providers")
 
 log = logging.getLogger("rmo.cli")
 
@@ -125,6 +127,61 @@ def topics_list() -> None:
         typer.echo(f"{spec.role:12} {spec.name:32} partitions={spec.partitions} events={','.join(spec.events)}")
 
 
+# --------------------------------------------------------------------------- providers
+
+ProvidersOption = Annotated[Path | None, typer.Option(
+    "--providers", help="Providers YAML file (default: RMO_PROVIDERS_FILE, else the sim profiles).")]
+
+
+def _providers_file(path: Path | None) -> Path | None:
+    path = path or Settings().providers_file
+    if path is not None and not path.exists():
+        raise fail(f"{path} does not exist; pass a providers YAML file")
+    return path
+
+
+def _price(info: service.ProviderInfo) -> str:
+    if not info.priced:
+        return "unpriced (calls cost 0)"
+    return f"${info.input_usd_per_mtok:g} in / ${info.output_usd_per_mtok:g} out per Mtok"
+
+
+@providers_app.command("list")
+def providers_list(providers: ProvidersOption = None,
+                   as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Id, kind, model, endpoint and price per million tokens of every provider."""
+    infos = service.list_providers(_providers_file(providers))
+    if as_json:
+        typer.echo(json.dumps([i.to_dict() for i in infos]))
+        return
+    for i in infos:
+        typer.echo(f"{i.id:12} {i.kind:10} {i.model:28} {i.endpoint or '-':36} {_price(i)}")
+
+
+@providers_app.command("check")
+def providers_check(
+    providers: ProvidersOption = None,
+    timeout: Annotated[float, typer.Option(help="Seconds each call may take.")] = 30.0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One tiny call per provider: reachable, auth ok, latency, answer, or the fix for what
+    failed. Exit 1 when any provider failed."""
+    checks = asyncio.run(service.check_providers(_providers_file(providers), timeout_s=timeout))
+    if as_json:
+        typer.echo(json.dumps([c.to_dict() for c in checks]))
+    for c in checks if not as_json else ():
+        p = c.provider
+        if c.ok:
+            typer.echo(f"{p.id:12} ok       reachable, auth ok, {c.latency_ms:.0f} ms, answer {c.answer!r}")
+        else:
+            reach = "reachable" if c.reachable else "unreachable"
+            auth = {True: "auth ok", False: "auth FAILED", None: "auth unknown"}[c.auth_ok]
+            typer.echo(f"{p.id:12} FAILED   {reach}, {auth}, {c.latency_ms:.0f} ms: "
+                       f"{c.error_type}: {c.message}")
+            typer.echo(f"{'':12} fix: {c.fix}")
+    raise typer.Exit(0 if all(c.ok for c in checks) else 1)
+
+
 # --------------------------------------------------------------------------- services
 
 
@@ -182,7 +239,8 @@ def task_line_error(where: str, problem: str) -> typer.Exit:
     """The one-line error for a bad task line, with what a line must hold."""
     required = ", ".join(n for n, f in TaskSubmitted.model_fields.items() if f.is_required())
     return fail(f"{where}: {problem}; each line is one JSON object with {required} "
-                "(entry_point, test, priority, metadata optional; `rmo schema TaskSubmitted`)")
+                "(code: entry_point, test; json: schema, expected; text: expected, must_match, "
+                "must_contain; see `rmo schema TaskSubmitted`)")
 
 
 def parse_tasks(lines: Iterator[str], source: str) -> list[Envelope]:
@@ -252,10 +310,8 @@ def status(task_id: str, as_json: Annotated[bool, typer.Option("--json")] = Fals
     """A task's state and why: status (pending, analyzed, executed, validated, passed, failed,
     rejected, dead_lettered; unknown if never seen, exit 1), the providers called, the
     answer, the validation level that failed with its message, cost, tokens, latency."""
-    from streams.service import task_report
-
     with services() as s:
-        report = asyncio.run(task_report(s, task_id))
+        report = asyncio.run(service.task_report(s, task_id))
     typer.echo(json.dumps(report.to_dict()) if as_json else "\n".join(report.render()))
     if report.status == "unknown":
         raise typer.Exit(1)
@@ -384,12 +440,10 @@ def lineage_cmd(
 ) -> None:
     """The causation tree of one task's events: type, producer, time, topic/partition/offset
     (and, with --payload, each event's payload fields)."""
-    from streams.service import TaskNotFound, task_lineage
-
     with services() as s:
         try:
-            roots = asyncio.run(task_lineage(s, task_id))
-        except TaskNotFound as exc:
+            roots = asyncio.run(service.task_lineage(s, task_id))
+        except service.TaskNotFound as exc:
             raise fail(str(exc), code=1) from None
     if as_json:
         typer.echo(json.dumps([r.to_dict(payload) for r in roots]))

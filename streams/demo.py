@@ -268,7 +268,8 @@ def summarize(done: dict[str, dict], t: RunTally, policy: dict[str, tuple[str, f
     return {
         "completed": len(done),
         "passed": statuses.count("passed"),
-        "failed": len(done) - statuses.count("passed"),
+        "failed": statuses.count("failed") + statuses.count("rejected"),
+        "unverified": statuses.count("unverified"),
         "dead_lettered": statuses.count("dead_lettered"),
         "elapsed_s": round(elapsed_s, 2),
         "cost_usd": round(sum(d["cost_usd"] for d in done.values()), 6),

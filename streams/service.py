@@ -4,19 +4,24 @@ The CLI (and later the HTTP API and the MCP server) only parse input, call these
 render what they return, so the front-ends cannot disagree. Results are dataclasses with
 typed fields; ``to_dict()`` gives their JSON form, numbers as numbers and booleans as booleans.
 
-Operations here so far: :func:`task_report` (``rmo status``) and :func:`task_lineage`
-(``rmo lineage``).
+Operations here so far: :func:`task_report` (``rmo status``), :func:`task_lineage`
+(``rmo lineage``), :func:`list_providers` and :func:`check_providers` (``rmo providers``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 
+from agents.providers.base import Provider, ProviderError, ProviderRequest, ProviderTimeout
+from agents.providers.registry import load_providers
 from agents.providers.sim import STUB_BODY
 from streams.config import Settings
 from streams.keys import Keys
@@ -252,3 +257,119 @@ def _float(value: str | None) -> float | None:
 
 def _time(value: str | None) -> datetime | None:
     return None if not value else datetime.fromisoformat(value)
+
+
+# --------------------------------------------------------------------------- providers
+
+
+CHECK_PROMPT = "Reply with the single word OK."
+"""What `rmo providers check` asks every provider: a tiny text task (a few tokens each way)."""
+CHECK_MAX_OUTPUT_TOKENS = 16
+
+FIXES = {
+    "auth_error": "set the environment variable named by api_key_env to a valid key",
+    "quota_exceeded": "the account has no credit or quota left: check its billing",
+    "connection_failed": "nothing answers at the endpoint: start the server or correct base_url",
+    "timeout": "no answer in time: check the endpoint, or raise timeout_s",
+    "rate_limited": "rate limited: wait, or raise the account's rate limits",
+    "bad_request": "the endpoint refused the request: check the entry's model name",
+    "context_length_exceeded": "the model's context is too small for even a tiny prompt: "
+                               "check the model name",
+    "malformed_response": "the endpoint does not speak this kind's protocol: check base_url "
+                          "(an OpenAI-compatible URL ends in /v1) and kind",
+    "server_error": "the provider failed (5xx): retry later",
+    "overloaded": "the provider is overloaded: retry later",
+}
+"""What to do about a failed check, by ``ProviderCallFailed.error_type``."""
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    """One configured provider (``rmo providers list``). Prices in USD per million tokens,
+    None when genai-prices does not know the model and no override is set (``priced``
+    False: its calls count as costing 0). ``endpoint``: the base URL of an HTTP kind."""
+
+    id: str
+    kind: str
+    model: str
+    endpoint: str | None
+    priced: bool
+    input_usd_per_mtok: float | None
+    output_usd_per_mtok: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProviderCheck:
+    """The outcome of one tiny call (``rmo providers check``): ``reachable`` (an HTTP answer
+    came back), ``auth_ok`` (None when unreachable), ``latency_ms`` in ms, the ``answer`` on
+    success, else ``error_type``, ``message`` and the ``fix`` to apply."""
+
+    provider: ProviderInfo
+    ok: bool
+    reachable: bool
+    auth_ok: bool | None
+    latency_ms: float
+    answer: str | None = None
+    error_type: str | None = None
+    message: str | None = None
+    fix: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "provider": self.provider.to_dict()}
+
+
+def _info(p: Provider) -> ProviderInfo:
+    price = p.price_per_mtok()
+    return ProviderInfo(id=p.id, kind=p.kind, model=p.model, endpoint=p.endpoint(),
+                        priced=price is not None, input_usd_per_mtok=price[0] if price else None,
+                        output_usd_per_mtok=price[1] if price else None)
+
+
+def list_providers(providers_file: Path | None, seed: int | None = None) -> list[ProviderInfo]:
+    """The providers of ``providers_file`` (None: the shipped sim profiles), in file order.
+
+    Raises:
+        agents.providers.registry.ProviderConfigError: the file or an entry is invalid.
+    """
+    return [_info(p) for p in load_providers(providers_file, seed=seed).values()]
+
+
+async def check_providers(providers_file: Path | None, seed: int | None = None,
+                          timeout_s: float = 30.0) -> list[ProviderCheck]:
+    """One tiny text call per provider, all at once, each bounded by ``timeout_s`` seconds.
+
+    Raises:
+        agents.providers.registry.ProviderConfigError: the file or an entry is invalid.
+    """
+    providers = load_providers(providers_file, seed=seed)
+    try:
+        return list(await asyncio.gather(*(_check(p, timeout_s) for p in providers.values())))
+    finally:
+        await asyncio.gather(*(p.aclose() for p in providers.values()))
+
+
+async def _check(p: Provider, timeout_s: float) -> ProviderCheck:
+    request = ProviderRequest(task_id="rmo-providers-check", prompt=CHECK_PROMPT, kind="text",
+                              entry_point=None, task_type="check",
+                              max_output_tokens=CHECK_MAX_OUTPUT_TOKENS)
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            response = await p.complete(request)
+    except TimeoutError:
+        err: ProviderError = ProviderTimeout(f"no answer within {timeout_s:g} s")
+    except ProviderError as exc:
+        err = exc
+    else:
+        return ProviderCheck(_info(p), ok=True, reachable=True, auth_ok=True,
+                             latency_ms=round(response.latency_ms, 1),
+                             answer=response.text.strip()[:200])
+    unreachable = err.error_type in ("connection_failed", "timeout")
+    return ProviderCheck(_info(p), ok=False, reachable=not unreachable,
+                         auth_ok=None if unreachable else err.error_type != "auth_error",
+                         latency_ms=round((time.perf_counter() - started) * 1000, 1),
+                         error_type=err.error_type, message=str(err)[:300],
+                         fix=FIXES.get(err.error_type, "see the message"))

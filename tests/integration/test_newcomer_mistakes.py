@@ -132,7 +132,7 @@ def test_up_and_down_own_exactly_what_they_started(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("line", "expected"), [
     ({k: v for k, v in TASK.items() if k != "prompt"}, "field 'prompt': required, missing"),
-    ({**TASK, "kind": "sql"}, "field 'kind': input should be 'code' or 'text' (got 'sql')"),
+    ({**TASK, "kind": "sql"}, "field 'kind': input should be 'code', 'json' or 'text' (got 'sql')"),
     ({**TASK, "priority": 11}, "field 'priority'"),
     ({**TASK, "colour": "red"}, "field 'colour': unknown field"),
 ])
