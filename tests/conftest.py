@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from redis import Redis as SyncRedis
 
+from agents import sandbox
 from streams import embedded
 from streams.config import Settings
 from streams.keys import Keys
@@ -60,3 +64,33 @@ def topics(settings: Settings):
     registry = load_topics(settings.namespace)
     asyncio.run(create_topics(settings.require_kafka(), registry))
     return registry
+
+
+@pytest.fixture
+def without_bwrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A PATH holding only ``prlimit``, as on a host without bubblewrap; the sandbox's
+    per-process answers cached under the real PATH are dropped before and after. Yields a
+    path that untrusted code would create if it ran outside a sandbox."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    prlimit = shutil.which("prlimit")
+    assert prlimit is not None, "util-linux prlimit is needed by every sandbox mode"
+    (bin_dir / "prlimit").symlink_to(prlimit)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    caches = (sandbox.resolve_mode, sandbox.bwrap_problem, sandbox._warn_reduced_isolation)
+    for cached in caches:
+        cached.cache_clear()
+    yield tmp_path / f"ran-unsandboxed-{uuid.uuid4().hex}"
+    for cached in caches:
+        cached.cache_clear()
+
+
+@pytest.fixture
+def bwrap_unless_simulated(request: pytest.FixtureRequest) -> None:
+    """Skip a test that needs a working bwrap where there is none, unless it simulates a
+    machine without bwrap itself (``without_bwrap``)."""
+    if "without_bwrap" in request.fixturenames:
+        return
+    problem = sandbox.bwrap_problem()
+    if problem is not None:
+        pytest.skip(problem)

