@@ -8,7 +8,10 @@ one process keeps many provider calls in flight; the batch ends when every task 
 1. **Admit.** Read the Q-table and every provider's breaker once. An open breaker rejects its
    provider (fail fast). A half-open one admits trial calls: the batch takes what is left of
    the ``breaker_half_open_max_calls`` permits that every executor process shares (one atomic
-   Lua script on ``{ns}:eph:halfopen:{provider}:{opened_at_ms}``). Each task that calls a
+   Lua script on the sorted set ``{ns}:eph:halfopen:{provider}:{opened_at_ms}``; each permit
+   expires ``breaker_permit_ttl_s`` after it was taken, agents/breaker.py step 4). A breaker
+   held open by an auth error admits a worker whose provider configuration differs (step 6
+   there). Each task that calls a
    half-open provider spends one permit, routing action and fallback alike, and a trial call
    is a single attempt: any failure reopens the breaker.
 2. **Decide**, task by task in batch order (the state includes the previous choice): the
@@ -33,10 +36,18 @@ one process keeps many provider calls in flight; the batch ends when every task 
    each is recorded first as a ``FallbackSelected`` on the decisions topic. A provider its
    breaker does not admit (step 1: open, or half-open with its permits spent) is passed over
    and not counted.
+   **Budgets** (agents/budget.py): each attempt first reserves its worst case on the task's
+   own cap and on every budget line that pays for it (one Lua script shared by all executor
+   processes), waiting while only in-flight reservations keep it out; after the attempt the
+   reservation is settled to the call event's actual cost. An attempt no budget admits is not
+   made: a ``BudgetExceeded`` (and ``ErrorLogged`` BUDGET) records it and the provider counts
+   as asked, so the task falls back. The first provider of an action pays as the task's own
+   ("personal") call, the others of a multi-provider action as ``workers`` calls.
 5. **Combine** the answers by the action's consensus strategy into one ``TaskExecuted``:
    ``candidates`` name the providers that answered, ``chosen`` the winner; cost (USD) and
    tokens count every call of the task, failed and fallback ones included. A task is left
-   without an answer only when no provider asked could give one.
+   without an answer only when no provider asked could give one; when a budget refused one of
+   its calls, ``budget_scope`` names the line and the task completes ``budget_exceeded``.
 6. **Release** the trial permits the batch took and did not spend.
 
 Learning. ``TaskExecuted.action`` stays the policy's action when a fallback answered, so the
@@ -58,9 +69,13 @@ crash re-produces the same ids; the waits between attempts are not part of the l
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import orjson
 from tenacity import (
@@ -72,7 +87,21 @@ from tenacity import (
 )
 
 from agents import qlearning
-from agents.breaker import BreakerConfig, BreakerState, admission
+from agents.breaker import RETURN_PERMITS, TAKE_PERMITS, BreakerConfig, BreakerState, admission
+from agents.budget import (
+    BUSY_POLL_S,
+    RESERVATION_GRACE_MS,
+    TASK_LINE,
+    BudgetRefused,
+    Budgets,
+    Grant,
+    Refusal,
+    TaskAllowance,
+    WorstCase,
+    load_budgets,
+    micro_ceil,
+    worst_case,
+)
 from agents.consensus import CandidateView, ConsensusResult, decide
 from agents.examples import behaviour_script, extract_examples
 from agents.providers.base import (
@@ -82,9 +111,11 @@ from agents.providers.base import (
     ProviderResponse,
     ProviderTimeout,
 )
+from agents.providers.registry import fingerprint
 from agents.sandbox import arun_python, resolve_mode
 from models.codec import make_event
 from models.events import (
+    BudgetExceeded,
     Candidate,
     Envelope,
     ErrorLogged,
@@ -92,6 +123,7 @@ from models.events import (
     ProviderCallCompleted,
     ProviderCallFailed,
     ProviderSelected,
+    ReserveGranted,
     TaskAnalyzed,
     TaskExecuted,
 )
@@ -99,29 +131,14 @@ from streams.config import Settings
 from streams.projections import CountersProjection, TaskStatusProjection
 from streams.stage import REDIS_DOWN, Consumer, Tx
 
+log = logging.getLogger("rmo.executor")
+
+BUDGET_SCRIPTS_IN_FLIGHT = 16
+"""Budget Lua scripts one executor runs at once (they take microseconds; the gate only keeps
+a batch of waiting tasks from taking every Redis connection)."""
+
 Sleep = Callable[[float], Awaitable[None]]
 """How the executor waits between attempts (seconds); tests inject one that records."""
-
-_TAKE_PERMITS = """
--- KEYS[1]: a half-open breaker's permit counter; ARGV: permits in all, counter ttl (s).
--- Takes every permit left (possibly none) and returns how many.
-local used = tonumber(redis.call('GET', KEYS[1]) or '0')
-local granted = math.max(0, tonumber(ARGV[1]) - used)
-if granted > 0 then
-  redis.call('INCRBY', KEYS[1], granted)
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-return granted
-"""
-
-_RETURN_PERMITS = """
--- KEYS[1]: a permit counter; ARGV[1]: permits given back. An expired counter has freed them.
-local used = tonumber(redis.call('GET', KEYS[1]))
-if used then
-  redis.call('SET', KEYS[1], math.max(0, used - tonumber(ARGV[1])), 'KEEPTTL')
-end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -143,15 +160,30 @@ def build_actions(provider_ids: Sequence[str], strategies: Sequence[str]) -> lis
 
 
 @dataclass
+class _TaskBudget:
+    """What budgets need of one task (agents/budget.py): its priority (the reserve's test), its
+    task_type (the ``task_type:T`` scope) and its own cap."""
+
+    priority: int
+    task_type: str
+    allowance: TaskAllowance
+
+
+@dataclass
 class _Outcome:
     """One provider's answer (None when every attempt failed), what all its attempts cost
-    (USD, tokens) and the ``error_type`` of each failed attempt, in order."""
+    (USD, tokens) and the ``error_type`` of each failed attempt, in order. ``budget`` and
+    ``worker`` (an extra call of multi-provider consensus) say which budgets pay for its
+    calls; ``refused`` names the budget line that refused one (its call was not made)."""
 
     provider: str
     response: ProviderResponse | None
     cost_usd: float = 0.0
     tokens: int = 0
     errors: list[str] = field(default_factory=list)
+    budget: _TaskBudget | None = None
+    worker: bool = False
+    refused: str | None = None
 
 
 @dataclass
@@ -159,11 +191,13 @@ class _Admission:
     """Which providers a batch may call (step 1).
 
     ``rejected``: providers whose breaker is open. ``permits``: half-open provider -> trial
-    calls the batch may still make; ``permit_keys``: the shared counter each came from."""
+    calls the batch may still make; ``permit_keys``: the shared permit set each came from;
+    ``tokens``: the permits the batch holds there (the unspent ones are given back)."""
 
     rejected: frozenset[str]
     permits: dict[str, int]
     permit_keys: dict[str, str]
+    tokens: dict[str, list[str]] = field(default_factory=dict)
 
     def admits(self, provider: str) -> bool:
         return provider not in self.rejected and self.permits.get(provider, 1) > 0
@@ -209,6 +243,8 @@ class ExecutorStage(Consumer):
         """``providers`` in registry order (the fallback tie-break). ``forced_actions`` (task
         id -> action name) replaces the policy for those tasks: re-execution replays the
         recorded decision instead of deciding again. ``sleep`` waits between attempts.
+        ``settings.budgets_file`` is read here (OSError or pydantic.ValidationError when it is
+        unreadable or invalid).
 
         Building the stage does not check ``settings.sandbox``: replay builds stages it never
         runs. Whoever runs it checks first (:func:`agents.sandbox.resolve_mode` at worker
@@ -220,6 +256,12 @@ class ExecutorStage(Consumer):
         self.actions = build_actions(list(providers), settings.strategies)
         self.qcfg = qconfig(settings)
         self.bcfg = breaker_config(settings)
+        # per provider, so one provider's new key re-admits it alone (agents/breaker.py step 6)
+        self.fingerprints = {p: fingerprint({p: prov}) for p, prov in providers.items()}
+        self.budget_lines = load_budgets(settings.budgets_file).budgets
+        # every task of a batch may be reserving at once: more scripts in flight than Redis
+        # connections in the pool (redis-py's default 100) would fail with MaxConnectionsError
+        self._budget_gate = asyncio.Semaphore(BUDGET_SCRIPTS_IN_FLIGHT)
         self.previous: str | None = None
         self._backoff = wait_exponential_jitter(multiplier=settings.retry_backoff_s,
                                                 max=settings.retry_backoff_max_s,
@@ -258,25 +300,28 @@ class ExecutorStage(Consumer):
         rejected: set[str] = set()
         permits: dict[str, int] = {}
         keys: dict[str, str] = {}
-        # a crashed executor's permits come back when the counter expires, after the open
-        # timeout twice over (a new half-open period has a new counter anyway)
-        ttl_s = int(self.bcfg.open_timeout_ms / 1000) * 2 + 10
+        tokens: dict[str, list[str]] = {}
         for p, s in states.items():
-            verdict = admission(s, now_ms, self.bcfg)
+            verdict = admission(s, now_ms, self.bcfg, self.fingerprints[p])
             if verdict == "reject":
                 rejected.add(p)
             elif verdict == "trial":
+                # one permit set per half-open period; each permit expires permit_ttl_ms after
+                # it was taken, so a crashed or hung trial frees its own
                 keys[p] = tx.keys.ephemeral("halfopen", p, s.opened_at_ms)
-                permits[p] = int(await tx.redis.eval(_TAKE_PERMITS, 1, keys[p],
-                                                     self.bcfg.half_open_max_calls, ttl_s))
-        return _Admission(frozenset(rejected), permits, keys)
+                wanted = [f"{uuid.uuid4().hex}:{i}" for i in range(self.bcfg.half_open_max_calls)]
+                tokens[p] = list(await tx.redis.eval(TAKE_PERMITS, 1, keys[p],
+                                                     self.bcfg.half_open_max_calls, now_ms,
+                                                     self.bcfg.permit_ttl_ms, *wanted))
+                permits[p] = len(tokens[p])
+        return _Admission(frozenset(rejected), permits, keys, tokens)
 
     async def _release(self, adm: _Admission, tx: Tx) -> None:
         """Step 6: give back the permits no task spent, so other batches may trial."""
         try:
             for p, left in adm.permits.items():
                 if left:
-                    await tx.redis.eval(_RETURN_PERMITS, 1, adm.permit_keys[p], left)
+                    await tx.redis.eval(RETURN_PERMITS, 1, adm.permit_keys[p], *adm.tokens[p][-left:])
         except REDIS_DOWN:
             # the counter's expiry frees them; raising would make the runner re-run the batch,
             # calling every provider again
@@ -337,6 +382,8 @@ class ExecutorStage(Consumer):
                                    entry_point=task.entry_point, task_type=a.features.task_type,
                                    attempt=attempt, json_schema=task.json_schema)
 
+        budget = _TaskBudget(task.priority, a.features.task_type, TaskAllowance(
+            None if task.max_cost_usd is None else micro_ceil(task.max_cost_usd), task.budget_tokens))
         outcomes: list[_Outcome] = []
         if action is not None and plan.choice is not None:
             tx.emit("decisions", make_event(ProviderSelected(
@@ -346,9 +393,12 @@ class ExecutorStage(Consumer):
                 action_probabilities=plan.choice.probabilities, q_values=plan.choice.q_values,
                 skipped_open=list(plan.skipped_open),
             ), producer="executor.policy", cause=e))
-            outcomes = list(await asyncio.gather(*(self._call(p, request, e, tx, p in plan.trial)
-                                                   for p in action.providers)))
-        outcomes = await self._fall_back(plan, outcomes, request, e, adm, tx)
+            # the first provider of an action is the task's own call, the others are the extra
+            # calls of multi-provider consensus ("workers" budget parts pay for them)
+            outcomes = list(await asyncio.gather(*(
+                self._call(p, request, e, tx, p in plan.trial, budget, worker=i > 0)
+                for i, p in enumerate(action.providers))))
+        outcomes = await self._fall_back(plan, outcomes, request, e, adm, tx, budget)
         answered = [o for o in outcomes if o.response is not None]
         result = await self._consensus(action.strategy if action else "single", answered, task)
         executed = TaskExecuted(
@@ -361,15 +411,17 @@ class ExecutorStage(Consumer):
             must_match=task.must_match, must_contain=task.must_contain,
             entry_point=task.entry_point, test=task.test, prompt=task.prompt,
             time_limit_ms=float(_time_limit(a)),
+            budget_scope=None if answered else next((o.refused for o in outcomes if o.refused), None),
         )
         tx.emit("executions", make_event(executed, producer="executor", cause=e))
 
     async def _fall_back(self, plan: _Plan, outcomes: list[_Outcome],
                          request: Callable[[int], ProviderRequest], cause: Envelope,
-                         adm: _Admission, tx: Tx) -> list[_Outcome]:
+                         adm: _Admission, tx: Tx, budget: _TaskBudget | None = None) -> list[_Outcome]:
         """Step 4: while nobody answered, ask the next admitted provider of the fallback order
         (at most ``max_fallbacks``), each announced by a ``FallbackSelected``. Returns
-        ``outcomes`` followed by the fallbacks' outcomes."""
+        ``outcomes`` followed by the fallbacks' outcomes. A provider the budgets refused counts
+        as asked: its refusal is the reason the next one is tried."""
         outcomes = list(outcomes)
         asked = 0
         for p in plan.fallbacks:
@@ -384,22 +436,28 @@ class ExecutorStage(Consumer):
                 from_providers=[o.provider for o in outcomes], to_provider=p,
                 reason=_no_answer_reason(outcomes), attempt=asked,
             ), producer="executor.fallback", cause=cause, attempt=asked))
-            outcomes.append(await self._call(p, request, cause, tx, trial))
+            outcomes.append(await self._call(p, request, cause, tx, trial, budget))
         return outcomes
 
     async def _call(self, provider_id: str, request: Callable[[int], ProviderRequest],
-                    cause: Envelope, tx: Tx, trial: bool = False) -> _Outcome:
+                    cause: Envelope, tx: Tx, trial: bool = False,
+                    budget: _TaskBudget | None = None, worker: bool = False) -> _Outcome:
         """Step 3 for one provider: up to ``max_attempts`` attempts (one on a trial permit)
         while the error is retryable, tenacity waiting :meth:`_wait` between them. Returns the
-        outcome; a call that never answered has ``response`` None."""
+        outcome; a call that never answered has ``response`` None. An attempt the budgets
+        refuse (``budget``: the task's; ``worker``: an extra consensus call) ends the attempts
+        with ``refused`` set."""
         provider = self.providers[provider_id]
-        out = _Outcome(provider.id, None)
+        out = _Outcome(provider.id, None, budget=budget, worker=worker)
         attempts = 1 if trial else self.settings.max_attempts
         try:
             await self._attempt(provider, request, 0, cause, tx, out)
             return out
         except ProviderError as exc:
             first = exc
+        except BudgetRefused as exc:
+            out.refused = exc.line
+            return out
         try:
             async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts),
                                                retry=retry_if_exception(self._retryable),
@@ -415,6 +473,8 @@ class ExecutorStage(Consumer):
                     await self._attempt(provider, request, n, cause, tx, out)
         except ProviderError:
             pass  # every attempt failed; each failure is already an event
+        except BudgetRefused as exc:
+            out.refused = exc.line  # a retry no budget admits is not made
         return out
 
     def _retryable(self, exc: BaseException) -> bool:
@@ -433,47 +493,61 @@ class ExecutorStage(Consumer):
     async def _attempt(self, provider: Provider, request: Callable[[int], ProviderRequest], n: int,
                        cause: Envelope, tx: Tx, out: _Outcome) -> None:
         """One call bounded by the executor timeout; records its events and its cost in ``out``.
+        Before the call its worst case is reserved on the task's cap and on every budget line
+        that pays for it; after it, the reservation is settled to the call event's actual
+        cost (agents/budget.py steps 1-3).
 
         Raises:
             ProviderError: the call failed (the executor's timeout becomes ProviderTimeout).
+            BudgetRefused: no budget admits the call; it was not made.
         """
+        req = request(n)
+        held = await self._reserve(provider, req, n, cause, tx, out)
         timeout = self.settings.provider_timeout_s
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
-                resp = await provider.complete(request(n))
+                resp = await provider.complete(req)
         except TimeoutError:
             err = ProviderTimeout(f"no answer within {timeout} s",
                                   latency_ms=(time.perf_counter() - started) * 1000)
-            self._failed(provider, n, err, cause, tx, out)
+            await self._settle(held, self._failed(provider, n, err, cause, tx, out), tx, out)
             raise err from None
         except ProviderError as err:
-            self._failed(provider, n, err, cause, tx, out)
+            await self._settle(held, self._failed(provider, n, err, cause, tx, out), tx, out)
             raise
-        tx.emit("calls", make_event(ProviderCallCompleted(
+        event = make_event(ProviderCallCompleted(
             task_id=cause.payload.task_id, provider=provider.id, model=resp.model, attempt=n,
             latency_ms=resp.latency_ms, input_tokens=resp.input_tokens,
             output_tokens=resp.output_tokens, cost_usd=resp.cost_usd, response_text=resp.text,
+            config_fingerprint=self.fingerprints[provider.id],
+            task_type=req.task_type, worker=out.worker,
         ), producer=f"executor.provider.{provider.id}", cause=cause, attempt=n,
-            discriminator=provider.id), key=provider.id)
+            discriminator=provider.id)
+        tx.emit("calls", event, key=provider.id)
+        await self._settle(held, event, tx, out)
         out.response = resp
         out.cost_usd += resp.cost_usd
         out.tokens += resp.input_tokens + resp.output_tokens
 
     def _failed(self, provider: Provider, attempt: int, err: ProviderError, cause: Envelope, tx: Tx,
-                out: _Outcome) -> None:
-        """Record a failed attempt: ``ProviderCallFailed`` (calls topic, keyed by provider),
-        ``ErrorLogged`` PROVIDER (errors topic, keyed by task), and its cost in ``out``. The
-        message is the adapter's, which never carries a secret (agents/providers/base.py)."""
+                out: _Outcome) -> Envelope:
+        """Record a failed attempt: ``ProviderCallFailed`` (calls topic, keyed by provider; also
+        returned), ``ErrorLogged`` PROVIDER (errors topic, keyed by task), and its cost in
+        ``out``. The message is the adapter's, which never carries a secret
+        (agents/providers/base.py)."""
         task_id = cause.payload.task_id
         producer = f"executor.provider.{provider.id}"
         message = str(err)
-        tx.emit("calls", make_event(ProviderCallFailed(
+        call = make_event(ProviderCallFailed(
             task_id=task_id, provider=provider.id, model=provider.model, attempt=attempt,
             latency_ms=err.latency_ms, input_tokens=err.input_tokens,
             output_tokens=err.output_tokens, cost_usd=err.cost_usd, error_type=err.error_type,
             http_status=err.http_status, retry_after_s=err.retry_after_s, message=message[:500],
-        ), producer=producer, cause=cause, attempt=attempt, discriminator=provider.id), key=provider.id)
+            config_fingerprint=self.fingerprints[provider.id],
+            task_type=out.budget.task_type if out.budget else None, worker=out.worker,
+        ), producer=producer, cause=cause, attempt=attempt, discriminator=provider.id)
+        tx.emit("calls", call, key=provider.id)
         tx.emit("errors", make_event(ErrorLogged(
             category="PROVIDER", error_type=err.error_type, message=message[:2000],
             agent_id=producer, task_id=task_id,
@@ -484,6 +558,96 @@ class ExecutorStage(Consumer):
         out.errors.append(err.error_type)
         out.cost_usd += err.cost_usd
         out.tokens += err.input_tokens + err.output_tokens
+        return call
+
+    async def _reserve(self, provider: Provider, req: ProviderRequest, n: int, cause: Envelope,
+                       tx: Tx, out: _Outcome) -> tuple[WorstCase, Grant | None] | None:
+        """Steps 1-2 of agents/budget.py for one attempt: hold its worst case on the task's
+        cap, then on the shared lines (waiting, :data:`BUSY_POLL_S` at a time, while they are
+        busy with in-flight reservations: those settle within a call timeout). Returns what is
+        held, None when the call has no budget at all (``out.budget`` None).
+
+        Raises:
+            BudgetRefused: the task's cap or a line is exhausted (recorded as
+                ``BudgetExceeded`` and ``ErrorLogged`` BUDGET on the errors topic).
+        """
+        tb = out.budget
+        if tb is None:
+            return None
+        # a schema may be sent in the system prompt (agents/providers/prompting.py): count it
+        schema = json.dumps(req.json_schema, indent=2, sort_keys=True) if req.json_schema else ""
+        worst = worst_case(req.prompt + schema, req.max_output_tokens, provider.price_per_mtok())
+        if not tb.allowance.take(worst):
+            self._refused(provider, n, cause, tx, out, worst, TASK_LINE, False)
+        lines = tuple(x for x in self.budget_lines
+                      if x.applies(provider.id, tb.task_type, out.worker))
+        if not lines:
+            return worst, None
+        budgets = Budgets(tx.keys, int(self.settings.budget_pending_ttl_s * 1000))
+        ttl_ms = int(self.settings.provider_timeout_s * 1000) + RESERVATION_GRACE_MS
+        member = f"r:{cause.event_id}:{provider.id}:{n}:{uuid.uuid4().hex}"
+        while True:
+            async with self._budget_gate:
+                got = await budgets.reserve(tx.redis, lines, member, worst, tb.priority,
+                                            datetime.now(UTC), ttl_ms)
+            if isinstance(got, Grant):
+                if got.from_reserve:
+                    tx.emit("errors", make_event(ReserveGranted(
+                        task_id=cause.payload.task_id, provider=provider.id, priority=tb.priority,
+                        worst_microusd=worst.micro, worst_tokens=worst.tokens,
+                    ), producer="executor.budget", cause=cause, attempt=n,
+                        discriminator=f"{provider.id}:reserve"))
+                return worst, got
+            if isinstance(got, Refusal):
+                tb.allowance.settle(worst, 0, 0)
+                self._refused(provider, n, cause, tx, out, worst, got.line, got.reserve_denied)
+            # plain asyncio.sleep: ``self.sleep`` is the retry wait tests record
+            await asyncio.sleep(BUSY_POLL_S)
+
+    def _refused(self, provider: Provider, n: int, cause: Envelope, tx: Tx, out: _Outcome,
+                 worst: WorstCase, line: str, reserve_denied: bool) -> None:
+        """Record a call no budget admits and raise :class:`BudgetRefused`."""
+        task_id = cause.payload.task_id
+        priority = out.budget.priority if out.budget else 0
+        tx.emit("errors", make_event(BudgetExceeded(
+            task_id=task_id, provider=provider.id, line=line, priority=priority,
+            reserve_denied=reserve_denied, worst_microusd=worst.micro, worst_tokens=worst.tokens,
+        ), producer="executor.budget", cause=cause, attempt=n, discriminator=f"{provider.id}:budget"))
+        message = (f"budget {line} cannot admit a call of {provider.id} (worst case "
+                   f"{worst.micro} micro-USD, {worst.tokens} tokens)"
+                   + (f"; the reserve denies priority {priority}" if reserve_denied else ""))
+        tx.emit("errors", make_event(ErrorLogged(
+            category="BUDGET", error_type="BudgetExceeded", message=message,
+            agent_id="executor.budget", task_id=task_id,
+            context={"provider": provider.id, "line": line, "attempt": n,
+                     "reserve_denied": reserve_denied},
+        ), producer="executor.budget", cause=cause, attempt=n,
+            discriminator=f"{provider.id}:budget:error"))
+        out.errors.append("budget_exceeded")
+        raise BudgetRefused(line, reserve_denied)
+
+    async def _settle(self, held: tuple[WorstCase, Grant | None] | None, event: Envelope, tx: Tx,
+                      out: _Outcome) -> None:
+        """Step 3 of agents/budget.py: settle what :meth:`_reserve` held to the call event's
+        actual cost (micro-USD, rounded up) and tokens. A Redis outage here is logged, not
+        raised: re-running the batch would call the provider again, and the reservation
+        expires by itself."""
+        if held is None or out.budget is None:
+            return
+        worst, grant = held
+        p = event.payload
+        micro, tokens = micro_ceil(p.cost_usd), p.input_tokens + p.output_tokens
+        out.budget.allowance.settle(worst, micro, tokens)
+        if grant is None:
+            return
+        budgets = Budgets(tx.keys, int(self.settings.budget_pending_ttl_s * 1000))
+        try:
+            async with self._budget_gate:
+                await budgets.settle(tx.redis, grant, event.event_id if micro or tokens else None,
+                                     event.occurred_at, micro, tokens)
+        except REDIS_DOWN as exc:
+            log.warning("budget settle failed (%r): the reservation of %s expires instead",
+                        exc, grant.member)
 
     async def _consensus(self, strategy: str, answered: list[_Outcome], task) -> ConsensusResult:
         # a single candidate needs no vote; parsing it here would repeat the validator's work
@@ -560,4 +724,13 @@ def breaker_config(s: Settings) -> BreakerConfig:
     return BreakerConfig(failure_threshold=s.breaker_failure_threshold,
                          open_timeout_ms=int(s.breaker_open_timeout_s * 1000),
                          success_threshold=s.breaker_success_threshold,
-                         half_open_max_calls=s.breaker_half_open_max_calls)
+                         half_open_max_calls=s.breaker_half_open_max_calls,
+                         failure_rate=s.breaker_failure_rate, window_size=s.breaker_window_size,
+                         window_ms=int(s.breaker_window_s * 1000),
+                         minimum_calls=s.breaker_minimum_calls,
+                         slow_call_ms=s.breaker_slow_call_ms,
+                         slow_call_rate=s.breaker_slow_call_rate,
+                         backoff_factor=s.breaker_backoff_factor,
+                         max_open_ms=int(s.breaker_max_open_s * 1000),
+                         quota_open_ms=int(s.breaker_quota_open_s * 1000),
+                         permit_ttl_ms=int(s.breaker_permit_ttl_s * 1000))

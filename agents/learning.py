@@ -53,7 +53,8 @@ class RewardStage(Consumer):
                            next_state=qlearning.next_state(v.state, v.provider),
                            performance=perf, cost_usd=v.cost_usd, cost_weight=self.cost_weight,
                            reward=reward(perf, v.cost_usd, self.cost_weight), passed=v.passed,
-                           verified=v.verified, provider=v.provider, tokens=v.tokens)
+                           verified=v.verified, provider=v.provider, tokens=v.tokens,
+                           budget_scope=v.budget_scope)
         tx.emit("rewards", make_event(r, producer="learning.reward", cause=event), key="qtable")
 
 

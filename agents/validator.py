@@ -3,7 +3,11 @@ security, tests in the sandbox, performance; json: json, schema, expected; text:
 agents/validation.py) -> TaskValidated, plus one ErrorLogged per failure (SPEC §4).
 
 A text task without checks is validated ``verified=False`` (and not passed) with no level
-and no ErrorLogged: nothing failed, nothing was checked."""
+and no ErrorLogged: nothing failed, nothing was checked.
+
+A task left without an answer because a budget refused its calls (``TaskExecuted.budget_scope``)
+is validated failed with one ``budget`` level and carries the scope on, so learning ends it
+``budget_exceeded`` (``RewardComputed.completion_status``) without a Q-table update."""
 
 from __future__ import annotations
 
@@ -48,7 +52,14 @@ class ValidatorStage(Consumer):
 
     def _emit(self, e: Envelope, outcome: ValidationOutcome | None, tx: Tx) -> None:
         x: TaskExecuted = e.payload
-        if outcome is None:
+        if outcome is None and x.budget_scope is not None:
+            # no answer because a budget refused the calls: the task ends budget_exceeded
+            levels = [ValidationLevel(level="budget", passed=False, details="no candidate answer",
+                                      error_type="BudgetExceeded",
+                                      message=f"budget {x.budget_scope} exhausted")]
+            failures = []  # the executor logged the refusal (ErrorLogged BUDGET)
+            passed, verified, tp, tt, dur = False, True, 0, 0, 0.0
+        elif outcome is None:
             levels = [ValidationLevel(level="provider", passed=False, details="no candidate answer")]
             failures = [("PROVIDER", "NoCandidate", "every provider call failed or was refused")]
             passed, verified, tp, tt, dur = False, True, 0, 0, 0.0
@@ -59,7 +70,7 @@ class ValidatorStage(Consumer):
         validated = TaskValidated(task_id=x.task_id, levels=levels, passed=passed, tests_passed=tp,
                                   tests_total=tt, duration_ms=dur, state=x.state, action=x.action,
                                   provider=x.chosen, cost_usd=x.cost_usd, tokens=x.tokens,
-                                  verified=verified)
+                                  verified=verified, budget_scope=x.budget_scope)
         tx.emit("validations", make_event(validated, producer="validator", cause=e))
         for i, (category, error_type, message) in enumerate(failures):
             err = ErrorLogged(category=category, error_type=error_type, message=message[:2000],

@@ -131,7 +131,8 @@ class TaskSubmitted(Frozen):
       normalisation), ``must_match`` (a regex found in it) and ``must_contain`` (substrings),
       all the given ones; with none of them the task completes ``unverified``.
 
-    ``max_cost_usd`` (USD, SPEC §3) is carried for budget policies; nothing enforces it yet.
+    ``max_cost_usd`` (USD, SPEC §3) and ``budget_tokens`` cap what all the task's provider
+    calls may cost (agents/budget.py: the executor reserves each call's worst case on them).
     A task whose fields do not fit its kind fails validation with a message naming the
     field, so the stages dead-letter it with that reason.
     """
@@ -154,7 +155,7 @@ class TaskSubmitted(Frozen):
     prompt: str
     entry_point: str | None = None
     test: str | None = None
-    priority: int = Field(default=3, ge=1, le=5)
+    priority: int = Field(default=3, ge=1, le=10)  # SPEC §3: 1-10
     budget_tokens: int | None = Field(default=None, ge=1)
     metadata: dict[str, Any] = Field(default_factory=dict)
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema",
@@ -249,6 +250,13 @@ class ProviderCall(Frozen):
     input_tokens: int = Field(ge=0)
     output_tokens: int = Field(ge=0)
     cost_usd: float = Field(ge=0)
+    config_fingerprint: str | None = Field(default=None, description=(
+        "agents.providers.registry.fingerprint of the provider's configuration the call ran "
+        "under: an auth-tripped breaker closes when it changes (agents/breaker.py step 6)"))
+    task_type: str | None = Field(default=None, description=(
+        "the analyzer's task_type: the task_type:T budget scope the call pays into"))
+    worker: bool = Field(default=False, description=(
+        "an extra call of multi-provider consensus, paid by `workers` budget parts"))
 
 
 class ProviderCallCompleted(ProviderCall):
@@ -263,12 +271,28 @@ class ProviderCallFailed(ProviderCall):
 
 
 class BreakerTransitioned(Frozen):
+    """A breaker changed (agents/breaker.py). ``trigger``: machine tag of the cause (e.g.
+    ``consecutive_failures``, ``failure_rate``, ``auth``, ``manual_close``); ``open_until``:
+    the deadline when it is (still) open, far future while held open by auth or an operator."""
+
     provider: str
     from_state: Literal["closed", "open", "half_open"]
     to_state: Literal["closed", "open", "half_open"]
     reason: str
     failures: int
     successes: int
+    trigger: str = ""
+    open_until: datetime | None = None
+
+
+class BreakerCommand(Frozen):
+    """An operator's ``rmo breaker open|close|reset PROVIDER``, on the calls topic keyed by
+    provider so the breaker projection applies it in order with the provider's calls."""
+
+    provider: str
+    command: Literal["open", "close", "reset"]
+    reason: str = ""
+    operator: str = ""
 
 
 class Candidate(Frozen):
@@ -303,6 +327,9 @@ class TaskExecuted(Frozen):
     expected: Any = Field(default=None, description=_EXPECTED_DOC)
     must_match: str | None = Field(default=None, description=_MUST_MATCH_DOC)
     must_contain: list[str] | None = Field(default=None, description=_MUST_CONTAIN_DOC)
+    budget_scope: str | None = Field(default=None, description=(
+        "set when no provider answered and a budget refused a call: the refusing budget "
+        "line (e.g. global/all/total, or task for the task's own cap)"))
 
 
 class ValidationLevel(Frozen):
@@ -336,6 +363,7 @@ class TaskValidated(Frozen):
     cost_usd: float = Field(ge=0)
     tokens: int = Field(ge=0)
     verified: bool = True
+    budget_scope: str | None = None  # TaskExecuted.budget_scope, carried on
 
 
 ErrorCategory = Literal[
@@ -352,7 +380,8 @@ class ErrorLogged(Frozen):
     context: dict[str, Any] = Field(default_factory=dict)
 
 
-CompletionStatus = Literal["passed", "failed", "unverified", "rejected", "dead_lettered"]
+CompletionStatus = Literal["passed", "failed", "unverified", "rejected", "dead_lettered",
+                           "budget_exceeded"]
 
 
 class RewardComputed(Frozen):
@@ -372,20 +401,52 @@ class RewardComputed(Frozen):
     provider: str | None
     tokens: int = Field(ge=0)
     verified: bool = True
+    budget_scope: str | None = None  # TaskExecuted.budget_scope, carried on
 
     @property
     def completion_status(self) -> CompletionStatus:
-        """The ``TaskCompleted.status`` this reward ends its task with: ``unverified`` when
-        nothing checked the answer, else ``passed`` or ``failed``."""
+        """The ``TaskCompleted.status`` this reward ends its task with: ``budget_exceeded``
+        when a budget left it without an answer, ``unverified`` when nothing checked the
+        answer, else ``passed`` or ``failed``."""
+        if self.budget_scope is not None:
+            return "budget_exceeded"
         if not self.verified:
             return "unverified"
         return "passed" if self.passed else "failed"
 
 
+class BudgetExceeded(Frozen):
+    """A provider call not made: a budget line (``line``, e.g. ``global/all/total``, or
+    ``task``) could not admit its worst case (micro-USD, tokens). On the errors topic."""
+
+    task_id: str
+    provider: str
+    line: str
+    priority: int
+    reserve_denied: bool = False
+    """True when the global emergency reserve would have admitted it but the task's priority
+    is below ``reserve_min_priority`` (Cortex: the reserve denies)."""
+    worst_microusd: int = Field(ge=0)
+    worst_tokens: int = Field(ge=0)
+
+
+class ReserveGranted(Frozen):
+    """A call of a task of ``priority`` admitted by dipping into the global emergency reserve
+    (worst case in micro-USD and tokens). On the errors topic, keyed by task."""
+
+    task_id: str
+    provider: str
+    priority: int
+    worst_microusd: int = Field(ge=0)
+    worst_tokens: int = Field(ge=0)
+
+
 class TaskCompleted(Frozen):
     """A task's end. ``status``: ``passed`` / ``failed`` (validated), ``unverified`` (an
     answer nothing could check: a text task without checks), ``rejected``, ``dead_lettered``
-    (an event of the task could not be processed; ``result`` is the reason)."""
+    (an event of the task could not be processed; ``result`` is the reason),
+    ``budget_exceeded`` (no answer because a budget refused its calls; ``result`` names
+    the budget line)."""
 
     task_id: str
     status: CompletionStatus
@@ -463,10 +524,13 @@ PAYLOADS: dict[str, type[Frozen]] = {
         ProviderCallCompleted,
         ProviderCallFailed,
         BreakerTransitioned,
+        BreakerCommand,
         TaskExecuted,
         TaskValidated,
         ErrorLogged,
         RewardComputed,
+        BudgetExceeded,
+        ReserveGranted,
         TaskCompleted,
         MetricsSnapshot,
         DeadLettered,

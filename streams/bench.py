@@ -127,7 +127,7 @@ async def measure_baseline(bootstrap: str, prefix: str, n: int, partitions: int 
     return n / (t1 - t0)
 
 
-async def _bench(n: int, workers: int, log: Path) -> dict:
+async def _bench(n: int, workers: int, log: Path, budgets: Path | None = None) -> dict:
     env = Settings()
     # a fresh broker unless the user named one, so figures do not depend on what a broker holds
     kafka = None if env.kafka_bootstrap_servers else embedded.start_kafka()
@@ -137,7 +137,8 @@ async def _bench(n: int, workers: int, log: Path) -> dict:
     providers = Path(tempfile.mkdtemp()) / "instant.yaml"
     providers.write_text(INSTANT_PROVIDER)
     settings = Settings(namespace=ns, kafka_bootstrap_servers=bootstrap, redis_url=redis_url,
-                        sandbox="off", validator_levels=("syntax",), providers_file=providers)
+                        sandbox="off", validator_levels=("syntax",), providers_file=providers,
+                        budgets_file=budgets)
     procs = []
     redis = Redis.from_url(redis_url, decode_responses=True)
     try:
@@ -170,10 +171,11 @@ async def _bench(n: int, workers: int, log: Path) -> dict:
             handle.stop()
 
 
-def run_bench(*, tasks: int, workers: int, as_json: bool) -> int:
-    """Entry point of `rmo bench`; prints the figures, returns the exit code."""
+def run_bench(*, tasks: int, workers: int, as_json: bool, budgets: Path | None = None) -> int:
+    """Entry point of `rmo bench`; prints the figures, returns the exit code. ``budgets``: a
+    budgets file the workers run under."""
     log = Path(tempfile.gettempdir()) / "rmo-bench-worker.log"
-    result = asyncio.run(_bench(tasks, workers, log))
+    result = asyncio.run(_bench(tasks, workers, log, budgets))
     if as_json:
         print(orjson.dumps(result).decode())
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import getpass
 import json
 import logging
 import sys
@@ -52,6 +53,8 @@ topics_app = typer.Typer(help="Topics of topics.yaml.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 providers_app = typer.Typer(help="The configured LLM providers.", no_args_is_help=True)
 app.add_typer(providers_app, name="providers")
+breaker_app = typer.Typer(help="The providers' circuit breakers (agents/breaker.py).", no_args_is_help=True)
+app.add_typer(breaker_app, name="breaker")
 
 log = logging.getLogger("rmo.cli")
 
@@ -140,6 +143,30 @@ def _providers_file(path: Path | None) -> Path | None:
     return path
 
 
+BudgetsOption = Annotated[Path | None, typer.Option(
+    "--budgets", help="Budgets YAML file (default: RMO_BUDGETS_FILE, else no budget).")]
+
+
+def _budgets_file(path: Path | None) -> Path | None:
+    """``path``, checked to exist and parse, so a typo fails here and not in a worker."""
+    if path is None:
+        return None
+    from pydantic import ValidationError
+
+    from agents.budget import load_budgets
+
+    if not path.exists():
+        raise fail(f"{path} does not exist; pass a budgets YAML file")
+    try:
+        load_budgets(path)
+    except ValidationError as exc:  # one line per problem is a screenful: join them
+        raise fail(f"{path}: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    except (ValueError, OSError) as exc:
+        raise fail(f"{path}: {exc}") from None
+    return path
+
+
 def _price(info: service.ProviderInfo) -> str:
     if not info.priced:
         return "unpriced (calls cost 0)"
@@ -180,6 +207,68 @@ def providers_check(
                        f"{c.error_type}: {c.message}")
             typer.echo(f"{'':12} fix: {c.fix}")
     raise typer.Exit(0 if all(c.ok for c in checks) else 1)
+
+
+# --------------------------------------------------------------------------- breakers
+
+
+def _until(r: service.BreakerReport) -> str:
+    if r.open_until is None:
+        return "-"
+    return "until closed" if r.hold in ("auth", "manual") else f"until {r.open_until:%Y-%m-%d %H:%M:%S}Z"
+
+
+@breaker_app.command("list")
+def breaker_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every provider's breaker: state, what it admits now, reason, trips, open deadline."""
+    with services() as s:
+        try:
+            reports = asyncio.run(service.breaker_list(s))
+        except (ValueError, OSError) as exc:
+            raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in reports]))
+        return
+    for r in reports:
+        typer.echo(f"{r.provider:12} {r.state:9} {r.admits:6} trips={r.trips:<3} {_until(r):28} {r.reason}")
+
+
+def _breaker_command(command: str, provider: str, reason: str, operator: str | None,
+                     providers: Path | None) -> None:
+    with services() as s:
+        if providers is not None:
+            s = s.model_copy(update={"providers_file": _providers_file(providers)})
+        try:
+            event = asyncio.run(service.breaker_command(
+                s, provider, command, reason, operator or getpass.getuser()))  # type: ignore[arg-type]
+        except (service.UnknownProvider, ProviderConfigError, ValueError, OSError) as exc:
+            raise fail(str(exc)) from None
+    typer.echo(f"{command} {provider}: BreakerCommand {event.event_id} produced")
+
+
+ReasonOption = Annotated[str, typer.Option(help="Why, recorded in the event.")]
+OperatorOption = Annotated[str | None, typer.Option(help="Who (default: the login name).")]
+
+
+@breaker_app.command("open")
+def breaker_open(provider: str, reason: ReasonOption = "", operator: OperatorOption = None,
+                 providers: ProvidersOption = None) -> None:
+    """Hold PROVIDER's breaker open until a close or reset (an event on the calls topic)."""
+    _breaker_command("open", provider, reason, operator, providers)
+
+
+@breaker_app.command("close")
+def breaker_close(provider: str, reason: ReasonOption = "", operator: OperatorOption = None,
+                  providers: ProvidersOption = None) -> None:
+    """Close PROVIDER's breaker, keeping its trip count (the backoff of a next trip)."""
+    _breaker_command("close", provider, reason, operator, providers)
+
+
+@breaker_app.command("reset")
+def breaker_reset(provider: str, reason: ReasonOption = "", operator: OperatorOption = None,
+                  providers: ProvidersOption = None) -> None:
+    """Close PROVIDER's breaker and forget its window and trip count."""
+    _breaker_command("reset", provider, reason, operator, providers)
 
 
 # --------------------------------------------------------------------------- services
@@ -223,11 +312,13 @@ def worker(
     providers: Annotated[Path | None, typer.Option(help="Providers YAML file.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of sim providers and exploration.")] = None,
     loglevel: Annotated[str, typer.Option(help="crit, error, warn, info or debug.")] = "warn",
+    budgets: BudgetsOption = None,
 ) -> None:
     """Run the four stages (analyzer, executor, validator, learning) as a Faust worker."""
     from streams.worker import run_worker
 
-    update = {k: v for k, v in (("providers_file", providers), ("seed", seed)) if v is not None}
+    update = {k: v for k, v in (("providers_file", providers), ("seed", seed),
+                                ("budgets_file", _budgets_file(budgets))) if v is not None}
     with services(Settings().model_copy(update=update)) as s:
         run_worker(s, loglevel)
 
@@ -502,6 +593,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of sim providers and exploration.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
+    budgets: BudgetsOption = None,
 ) -> None:
     """Run HumanEval (164 problems) through the pipeline and summarize: starts a broker and
     Redis if none is configured (kept running, like `rmo up`), and a worker if none runs."""
@@ -509,7 +601,8 @@ def demo(
 
     if providers is not None and not providers.exists():
         raise fail(f"{providers} does not exist; pass a providers YAML file")
-    code = run_demo(limit=limit, providers=providers, seed=seed, as_json=as_json, timeout_s=timeout)
+    code = run_demo(limit=limit, providers=providers, seed=seed, as_json=as_json, timeout_s=timeout,
+                    budgets=_budgets_file(budgets))
     raise typer.Exit(code)
 
 
@@ -518,12 +611,51 @@ def bench(
     tasks: Annotated[int, typer.Option(help="Tasks for the end-to-end run.")] = 5000,
     workers: Annotated[int, typer.Option(help="Worker processes for the end-to-end run.")] = 2,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    budgets: BudgetsOption = None,
 ) -> None:
     """Measure ingest events/s, end-to-end tasks/s (instant sim provider, sandbox off),
-    p50/p99 task latency, and a raw aiokafka four-hop relay as the baseline."""
+    p50/p99 task latency, and a raw aiokafka four-hop relay as the baseline (with --budgets:
+    under those budgets, the reservation protocol's cost included)."""
     from streams.bench import run_bench
 
-    raise typer.Exit(run_bench(tasks=tasks, workers=workers, as_json=as_json))
+    raise typer.Exit(run_bench(tasks=tasks, workers=workers, as_json=as_json,
+                               budgets=_budgets_file(budgets)))
+
+
+@app.command("budget")
+def budget_cmd(budgets: BudgetsOption = None,
+               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Per budget line (current period bucket): limit, spent, pending + reserved, remaining,
+    and the part of the emergency reserve granted. USD and tokens."""
+    update = {"budgets_file": _budgets_file(budgets)} if budgets else {}
+    with services(Settings().model_copy(update=update)) as s:
+        try:
+            lines = asyncio.run(service.budget_report(s))
+        except (ValueError, OSError) as exc:
+            raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps([x.to_dict() for x in lines]))
+        return
+    if not lines:
+        typer.echo("no budgets configured (--budgets FILE or RMO_BUDGETS_FILE)")
+    for x in lines:
+        typer.echo(_budget_row(x))
+
+
+def _budget_row(x) -> str:
+    """One ``rmo budget`` line: USD and token columns, ``-`` where the line has no limit."""
+    def usd(v: float | None) -> str:
+        return "-" if v is None else f"${v:.6f}"
+
+    def tok(v: int | None) -> str:
+        return "-" if v is None else f"{v:,}"
+
+    held_usd, held_tok = x.pending_usd + x.reserved_usd, x.pending_tokens + x.reserved_tokens
+    return (f"{x.line:36} {x.bucket:17} limit {usd(x.limit_usd)} / {tok(x.limit_tokens)} tok  "
+            f"spent {usd(x.spent_usd)} / {tok(x.spent_tokens)}  "
+            f"reserved {usd(held_usd)} / {tok(held_tok)}  "
+            f"remaining {usd(x.remaining_usd)} / {tok(x.remaining_tokens)}  "
+            f"reserve granted {usd(x.reserve_granted_usd)}")
 
 
 def tune_gc() -> None:

@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     )
     topics_file: Path | None = None
     providers_file: Path | None = None
+    # budgets (agents/budget.py): the YAML file of budget lines (none: unlimited), and how
+    # long a settled call's amount counts as pending (s) if its event is never projected;
+    # it must exceed the calls consumer's lag, 600 s is far above the seconds it runs at
+    budgets_file: Path | None = None
+    budget_pending_ttl_s: float = Field(default=600.0, gt=0)
     seed: int = 0
 
     # Kafka consumer tuning. Tansu's first JoinGroup waits session_timeout/2 (SPEC §2).
@@ -41,6 +46,25 @@ class Settings(BaseSettings):
     breaker_open_timeout_s: float = 60.0
     breaker_success_threshold: int = 2
     breaker_half_open_max_calls: int = 2
+    # breaker rate rules and open times (agents/breaker.py BreakerConfig). resilience4j's
+    # defaults: failureRateThreshold 50 %, slidingWindowSize 100, minimumNumberOfCalls 100
+    # (20 here, so a rate trip happens at moderate traffic), slowCallRateThreshold 100 %,
+    # slowCallDurationThreshold 60 s (20 s here: calls time out at provider_timeout_s 30 s).
+    # Backoff multiplies the open time per consecutive trip, capped at breaker_max_open_s;
+    # a quota/payment error opens for breaker_quota_open_s. A half-open trial permit expires
+    # after breaker_permit_ttl_s (longer than one trial call), so a crashed trial frees it.
+    breaker_failure_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_window_size: int = Field(default=100, ge=1)
+    # 0: count-based window only; > 0: also only the calls of the last breaker_window_s
+    # seconds of event time (resilience4j's TIME_BASED window, whose default size is 100 s)
+    breaker_window_s: float = Field(default=0.0, ge=0)
+    breaker_minimum_calls: int = Field(default=20, ge=1)
+    breaker_slow_call_ms: float = Field(default=20_000.0, gt=0)
+    breaker_slow_call_rate: float = Field(default=1.0, gt=0, le=1)
+    breaker_backoff_factor: float = Field(default=2.0, ge=1)
+    breaker_max_open_s: float = Field(default=600.0, gt=0)
+    breaker_quota_open_s: float = Field(default=3600.0, gt=0)
+    breaker_permit_ttl_s: float = Field(default=45.0, gt=0)
     # retries (agents.executor): attempts per provider and task, first call included; 3 as
     # the openai and anthropic SDKs (DEFAULT_MAX_RETRIES = 2), whose own retries the
     # executor replaces. Backoff before retry n (1, 2, ...) is retry_backoff_s * 2**(n-1)

@@ -14,8 +14,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agents.budget import BudgetUsage, load_budgets, usage
 from agents.providers.base import Provider
 from agents.providers.registry import fingerprint, load_providers
 from agents.sandbox import resolve_mode
@@ -63,6 +64,8 @@ def spawn_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
                RMO_VALIDATOR_LEVELS=orjson.dumps(settings.validator_levels).decode())
     if settings.providers_file:
         env["RMO_PROVIDERS_FILE"] = str(settings.providers_file)
+    if settings.budgets_file:
+        env["RMO_BUDGETS_FILE"] = str(settings.budgets_file)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
@@ -249,7 +252,7 @@ async def tally(settings: Settings, registry: TopicRegistry, ids: set[str], sinc
 
 
 def summarize(done: dict[str, dict], t: RunTally, policy: dict[str, tuple[str, float]],
-              elapsed_s: float) -> dict:
+              elapsed_s: float, budgets: Sequence[BudgetUsage] = ()) -> dict:
     providers = {}
     for p in sorted(set(t.calls) | {d["provider"] for d in done.values() if d["provider"]}):
         answered = [d for d in done.values() if d["provider"] == p]
@@ -266,6 +269,7 @@ def summarize(done: dict[str, dict], t: RunTally, policy: dict[str, tuple[str, f
         }
     statuses = [d["status"] for d in done.values()]
     return {
+        "statuses": dict(sorted(Counter(statuses).items())),
         "completed": len(done),
         "passed": statuses.count("passed"),
         "failed": statuses.count("failed") + statuses.count("rejected"),
@@ -276,6 +280,7 @@ def summarize(done: dict[str, dict], t: RunTally, policy: dict[str, tuple[str, f
         "providers": providers,
         "breaker_trips": sum(t.trips.values()),
         "learned_policy": {s: {"action": a, "q": round(q, 4)} for s, (a, q) in policy.items()},
+        "budgets": [b.to_dict() for b in budgets],
     }
 
 
@@ -342,7 +347,9 @@ async def _run(settings: Settings, providers: dict[str, Provider], limit: int | 
         if not await wait_caught_up(settings, registry, redis):
             console.print("[yellow]projections did not catch up within 60 s[/]")
         t = await tally(settings, registry, ids, since)
-        summary = summarize(done, t, await learned_policy(redis, keys), elapsed)
+        lines = load_budgets(settings.budgets_file).budgets
+        summary = summarize(done, t, await learned_policy(redis, keys), elapsed,
+                            await usage(redis, keys, lines, datetime.now(UTC)))
     finally:
         if proc is not None:
             stop_worker(proc)
@@ -355,7 +362,7 @@ async def _run(settings: Settings, providers: dict[str, Provider], limit: int | 
 
 
 def run_demo(*, limit: int | None, providers: Path | None, seed: int, as_json: bool,
-             timeout_s: float) -> int:
+             timeout_s: float, budgets: Path | None = None) -> int:
     """Entry point of `rmo demo`; returns the exit code (0 when every task completed).
 
     The providers are checked before anything starts; Kafka and Redis are resolved by
@@ -366,7 +373,8 @@ def run_demo(*, limit: int | None, providers: Path | None, seed: int, as_json: b
         agents.sandbox.SandboxUnavailable: ``RMO_SANDBOX`` asks for a sandbox this machine lacks.
         streams.locate.ServiceUnreachable: a set address does not answer.
     """
-    settings = Settings().model_copy(update={"seed": seed, "providers_file": providers})
+    settings = Settings().model_copy(update={"seed": seed, "providers_file": providers}
+                                     | ({"budgets_file": budgets} if budgets else {}))
     registry = load_providers(providers, seed=seed)
     resolve_mode(settings.sandbox)  # what the worker would refuse, refused before it starts
     found = locate.locate(settings.kafka_bootstrap_servers, settings.redis_url, keep=True)

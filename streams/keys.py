@@ -54,6 +54,10 @@ class Keys:
     def counters(self) -> str:
         return self._k("counters")
 
+    def budget(self, bucket: str) -> str:
+        """Hash: spent amounts of one period bucket (agents/budget.py :func:`spent_key`)."""
+        return self._k("budget", bucket)
+
     def checkpoint(self, consumer: str, topic: str, partition: int) -> str:
         return self._k("ckpt", consumer, topic, partition)
 

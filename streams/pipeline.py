@@ -16,7 +16,7 @@ from agents.validator import ValidatorStage
 from streams.client import high_watermarks
 from streams.config import Settings
 from streams.keys import Keys
-from streams.projections import BreakerProjection
+from streams.projections import BreakerProjection, BudgetProjection
 from streams.stage import Consumer, ProjectionConsumer
 from streams.topics import TopicRegistry, create_topics
 
@@ -36,12 +36,13 @@ SOURCES: tuple[tuple[str, str], ...] = (
 
 
 def build_consumers(settings: Settings, providers: dict[str, Provider]) -> list[Consumer]:
-    """analyzer -> executor (+ breaker projection of its calls) -> validator -> learning
-    (+ the Q-table consumer of the rewards topic)."""
+    """analyzer -> executor (+ breaker and budget projections of its calls) -> validator ->
+    learning (+ the Q-table consumer of the rewards topic)."""
     return [
         AnalyzerStage(),
         ExecutorStage(providers, settings),
-        ProjectionConsumer(*BREAKER_CONSUMER, (BreakerProjection(breaker_config(settings)),)),
+        ProjectionConsumer(*BREAKER_CONSUMER, (BreakerProjection(breaker_config(settings)),
+                                               BudgetProjection())),
         ValidatorStage(settings),
         RewardStage(settings),
         QTableConsumer(settings, qconfig(settings)),

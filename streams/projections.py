@@ -15,12 +15,13 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field as dc_field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import orjson
 
 from agents import qlearning
-from agents.breaker import BreakerConfig, BreakerState, apply_outcome
+from agents.breaker import BreakerConfig, BreakerState, Transition, apply_command, apply_outcome
+from agents.budget import CLEAR_LUA, PERIODS, micro_ceil, pending_index, spent_fields, spent_key
 from models.codec import make_event
 from models.events import BreakerTransitioned, Envelope, ProviderCall, RewardComputed, TaskCompleted
 from streams.stage import Tx
@@ -177,7 +178,11 @@ class CountersProjection:
 @dataclass
 class BreakerProjection:
     """``{ns}:breaker:{provider}`` state and ``{ns}:provider:{id}`` call stats, from the calls
-    topic. Each transition is emitted as ``BreakerTransitioned`` on the system topic.
+    topic: provider calls and operators' ``BreakerCommand`` events, in each provider's order
+    (the topic is keyed by provider), by event time (agents/breaker.py, the protocol). Each
+    transition is emitted as ``BreakerTransitioned`` on the system topic; the state is written
+    in the stage runner's MULTI/EXEC with the checkpoint, which makes every transition atomic
+    and applied once however many executor processes share the breaker.
 
     Each call is also recorded in its task's hash (:func:`call_field`, :func:`call_value`):
     the calls topic is the only place that tells which providers a task asked and how each
@@ -187,36 +192,33 @@ class BreakerProjection:
     name: str = "breakers"
 
     async def apply(self, events: Sequence[Envelope], tx: Tx) -> None:
-        calls = [e for e in events if e.event_type in ("ProviderCallCompleted", "ProviderCallFailed")]
-        if not calls:
+        events = [e for e in events if e.event_type in BREAKER_INPUTS]
+        if not events:
             return
-        providers = sorted({e.payload.provider for e in calls})
+        providers = sorted({e.payload.provider for e in events})
         pipe = tx.redis.pipeline(transaction=False)
         for prov in providers:
             pipe.hgetall(tx.keys.breaker(prov))
         states = {prov: BreakerState.from_hash(h) for prov, h in zip(providers, await pipe.execute())}
         stats: dict[str, dict[str, int]] = {prov: {} for prov in providers}
         task_calls: dict[str, dict[str, str]] = {}
-        for e in calls:
+        for e in events:
             p = e.payload
-            ok = e.event_type == "ProviderCallCompleted"
-            task_calls.setdefault(p.task_id, {})[call_field(p.provider, p.attempt)] = \
-                call_value(e.event_type, p)
             s = stats[p.provider]
-            for f, n in (("calls", 1), ("failures", 0 if ok else 1),
-                         ("cost_microusd", micro_usd(p.cost_usd)),
-                         ("input_tokens", p.input_tokens), ("output_tokens", p.output_tokens),
-                         (f"latency_ms:{min(int(p.latency_ms), 600_000)}", 1)):
-                s[f] = s.get(f, 0) + n
-            if not ok:
-                s[f"errors:{p.error_type}"] = s.get(f"errors:{p.error_type}", 0) + 1
-            new, transitions = apply_outcome(states[p.provider], ok, epoch_ms(e.occurred_at), self.config)
+            at = epoch_ms(e.occurred_at)
+            if e.event_type == "BreakerCommand":
+                new, transitions = apply_command(states[p.provider], p.command, at, p.reason, p.operator)
+            else:
+                new, transitions = self._call(e, at, s, task_calls, states[p.provider])
             states[p.provider] = new
             for i, t in enumerate(transitions):
-                s["trips"] = s.get("trips", 0) + (t.to_state == "open")
+                s["trips"] = s.get("trips", 0) + (t.to_state == "open" and t.from_state != "open")
+                until = (datetime.fromtimestamp(t.open_until_ms / 1000, UTC)
+                         if t.open_until_ms is not None else None)
                 payload = BreakerTransitioned(provider=p.provider, from_state=t.from_state,
                                               to_state=t.to_state, reason=t.reason,
-                                              failures=t.failures, successes=t.successes)
+                                              failures=t.failures, successes=t.successes,
+                                              trigger=t.trigger, open_until=until)
                 tx.emit("system", make_event(payload, producer="executor.breaker", cause=e,
                                              correlation_id=p.provider, attempt=i,
                                              occurred_at=e.occurred_at), key=p.provider)
@@ -229,6 +231,68 @@ class BreakerProjection:
                     pipe.hincrby(tx.keys.provider_stats(prov), f, n)
             for task_id, fields in task_calls.items():
                 pipe.hset(tx.keys.task(task_id), mapping=fields)
+
+        tx.write(write)
+
+    def _call(self, e: Envelope, at_ms: int, s: dict[str, int], task_calls: dict[str, dict[str, str]],
+              state: BreakerState) -> tuple[BreakerState, list[Transition]]:
+        """One provider call: its task-hash field, its stats in ``s``, its breaker outcome."""
+        p = e.payload
+        ok = e.event_type == "ProviderCallCompleted"
+        task_calls.setdefault(p.task_id, {})[call_field(p.provider, p.attempt)] = call_value(e.event_type, p)
+        for f, n in (("calls", 1), ("failures", 0 if ok else 1),
+                     ("cost_microusd", micro_usd(p.cost_usd)),
+                     ("input_tokens", p.input_tokens), ("output_tokens", p.output_tokens),
+                     (f"latency_ms:{min(int(p.latency_ms), 600_000)}", 1)):
+            s[f] = s.get(f, 0) + n
+        if not ok:
+            s[f"errors:{p.error_type}"] = s.get(f"errors:{p.error_type}", 0) + 1
+        return apply_outcome(state, ok, at_ms, self.config, latency_ms=p.latency_ms,
+                             error_type=None if ok else p.error_type,
+                             http_status=None if ok else p.http_status,
+                             retry_after_s=None if ok else p.retry_after_s,
+                             fingerprint=p.config_fingerprint)
+
+
+BREAKER_INPUTS = frozenset({"ProviderCallCompleted", "ProviderCallFailed", "BreakerCommand"})
+"""The calls topic's event types the breaker projection applies."""
+
+
+class BudgetProjection:
+    """Spent amounts for budgets (agents/budget.py step 4), from the calls topic: each
+    ``ProviderCallCompleted``/``Failed`` adds its cost (micro-USD, rounded up by
+    :func:`agents.budget.micro_ceil`), tokens and one call to every ``{scope}/{part}`` it pays
+    into (:func:`agents.budget.spent_fields`) in each period bucket of the event's time. The
+    state does not depend on the configured budget lines, so replay rebuilds it exactly with
+    or without a budgets file. In the same MULTI/EXEC it clears the event's pending member
+    (:data:`agents.budget.CLEAR_LUA`): the amount moves from pending to spent atomically (a
+    no-op in replay's fresh namespace, which holds no ephemeral keys)."""
+
+    name = "budgets"
+
+    async def apply(self, events: Sequence[Envelope], tx: Tx) -> None:
+        calls = [e for e in events if e.event_type in ("ProviderCallCompleted", "ProviderCallFailed")]
+        if not calls:
+            return
+        incr: dict[str, dict[str, int]] = {}
+        for e in calls:
+            p = e.payload
+            amounts = (("microusd", micro_ceil(p.cost_usd)),
+                       ("tokens", p.input_tokens + p.output_tokens), ("calls", 1))
+            fields = spent_fields(p.provider, p.task_type, p.worker)
+            for period in PERIODS:
+                d = incr.setdefault(spent_key(tx.keys, period, e.occurred_at), {})
+                for prefix in fields:
+                    for f, n in amounts:
+                        d[f"{prefix}:{f}"] = d.get(f"{prefix}:{f}", 0) + n
+        clears = [(pending_index(tx.keys, e.event_id), f"p:{e.event_id}") for e in calls]
+
+        def write(pipe) -> None:
+            for key, d in incr.items():
+                for f, n in d.items():
+                    pipe.hincrby(key, f, n)
+            for index, member in clears:
+                pipe.eval(CLEAR_LUA, 1, index, member)
 
         tx.write(write)
 
@@ -279,6 +343,10 @@ class QTableProjection:
         new_exp: list[str] = []
         for e, sub in zip(rewards, submitted):
             r: RewardComputed = e.payload
+            if r.budget_scope is not None:
+                # the budget, not the action, left the task unanswered: no Q update
+                self._complete(e, r, sub, tx)
+                continue
             qlearning.update(q, r.state, r.action, r.reward, r.next_state, cfg)
             touched.add((r.state, r.action))
             row = [r.state, r.action, r.reward, r.next_state]
@@ -289,12 +357,10 @@ class QTableProjection:
                 qlearning.update(q, s, a, rew, s2, cfg)
                 touched.add((s, a))
             updates += 1
-            latency = (e.occurred_at - datetime.fromisoformat(sub)).total_seconds() * 1000 if sub else 0.0
-            done = TaskCompleted(task_id=r.task_id, status=r.completion_status,
-                                 provider=r.provider, action=r.action, cost_usd=r.cost_usd,
-                                 tokens=r.tokens, latency_ms=max(latency, 0.0))
-            tx.emit("tasks", make_event(done, producer="learning.qtable", cause=e))
+            self._complete(e, r, sub, tx)
         self._cache = (updates, q, experience)
+        if not touched:
+            return
         fields = qlearning.to_fields(q, touched)
 
         def write(pipe) -> None:
@@ -304,3 +370,14 @@ class QTableProjection:
             pipe.ltrim(k.experience, -cfg.experience_size, -1)
 
         tx.write(write)
+
+    @staticmethod
+    def _complete(e: Envelope, r: RewardComputed, submitted_at: str | None, tx: Tx) -> None:
+        """Emit the task's ``TaskCompleted`` (latency in ms from its submission); a
+        ``budget_exceeded`` one names the refusing budget line in ``result``."""
+        latency = ((e.occurred_at - datetime.fromisoformat(submitted_at)).total_seconds() * 1000
+                   if submitted_at else 0.0)
+        done = TaskCompleted(task_id=r.task_id, status=r.completion_status, result=r.budget_scope,
+                             provider=r.provider, action=r.action, cost_usd=r.cost_usd,
+                             tokens=r.tokens, latency_ms=max(latency, 0.0))
+        tx.emit("tasks", make_event(done, producer="learning.qtable", cause=e))

@@ -5,7 +5,8 @@ render what they return, so the front-ends cannot disagree. Results are dataclas
 typed fields; ``to_dict()`` gives their JSON form, numbers as numbers and booleans as booleans.
 
 Operations here so far: :func:`task_report` (``rmo status``), :func:`task_lineage`
-(``rmo lineage``), :func:`list_providers` and :func:`check_providers` (``rmo providers``).
+(``rmo lineage``), :func:`list_providers` and :func:`check_providers` (``rmo providers``),
+:func:`breaker_list` and :func:`breaker_command` (``rmo breaker``).
 """
 
 from __future__ import annotations
@@ -13,16 +14,22 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 
+from agents.breaker import BreakerConfig, BreakerState, Command, admission
+from agents.budget import BudgetUsage, load_budgets, usage
+from agents.executor import breaker_config
 from agents.providers.base import Provider, ProviderError, ProviderRequest, ProviderTimeout
 from agents.providers.registry import load_providers
 from agents.providers.sim import STUB_BODY
+from models.codec import make_event
+from models.events import BreakerCommand, Envelope
+from streams.client import EventProducer
 from streams.config import Settings
 from streams.keys import Keys
 from streams.lineage import Node, lineage
@@ -373,3 +380,125 @@ async def _check(p: Provider, timeout_s: float) -> ProviderCheck:
                          latency_ms=round((time.perf_counter() - started) * 1000, 1),
                          error_type=err.error_type, message=str(err)[:300],
                          fix=FIXES.get(err.error_type, "see the message"))
+
+
+# --------------------------------------------------------------------------- breakers
+
+
+class UnknownProvider(LookupError):
+    """A breaker command names a provider that is neither configured nor has a breaker."""
+
+
+@dataclass(frozen=True)
+class BreakerReport:
+    """One provider's breaker as projected (``rmo breaker list``). ``admits``: what admission
+    answers now (``allow``, ``trial``, ``reject``; agents/breaker.py); ``hold``: ``auth``,
+    ``quota``, ``manual`` or "" (open for the normal, backed-off time); times are event times
+    (UTC), ``open_until`` None when not open; ``window_*``: the closed state's sliding window
+    (calls counted, failed and slow fractions)."""
+
+    provider: str
+    state: str
+    admits: str
+    reason: str
+    hold: str
+    failures: int
+    successes: int
+    trips: int
+    opened_at: datetime | None
+    open_until: datetime | None
+    window_calls: int
+    window_failure_rate: float
+    window_slow_rate: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("opened_at", "open_until"):
+            d[k] = d[k].isoformat() if d[k] else None
+        return d
+
+
+def _breaker_report(provider: str, s: BreakerState, now_ms: int, cfg: BreakerConfig) -> BreakerReport:
+    n = len(s.window)
+    return BreakerReport(
+        provider=provider, state=s.state, admits=admission(s, now_ms, cfg), reason=s.reason,
+        hold=s.hold, failures=s.failures, successes=s.successes, trips=s.trips,
+        opened_at=datetime.fromtimestamp(s.opened_at_ms / 1000, UTC) if s.opened_at_ms else None,
+        open_until=datetime.fromtimestamp(s.open_until_ms / 1000, UTC) if s.state == "open" else None,
+        window_calls=n,
+        window_failure_rate=sum(c in "xX" for c in s.window) / n if n else 0.0,
+        window_slow_rate=sum(c in "sX" for c in s.window) / n if n else 0.0)
+
+
+async def breaker_list(settings: Settings) -> list[BreakerReport]:
+    """Every breaker of ``settings.namespace``, by provider id. Reads Redis only; ``admits``
+    uses this host's clock.
+
+    Raises:
+        ValueError: no Redis URL is resolved in ``settings``.
+        redis.exceptions.ConnectionError: Redis is unreachable.
+    """
+    keys = Keys(settings.namespace)
+    prefix = keys.breaker("")
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True)
+    try:
+        names = sorted([k async for k in redis.scan_iter(keys.breaker("*"), count=1000)])
+        pipe = redis.pipeline(transaction=False)
+        for k in names:
+            pipe.hgetall(k)
+        hashes = await pipe.execute()
+    finally:
+        await redis.aclose()
+    now_ms = int(time.time() * 1000)
+    cfg = breaker_config(settings)
+    return [_breaker_report(k[len(prefix):], BreakerState.from_hash(h), now_ms, cfg)
+            for k, h in zip(names, hashes) if h]
+
+
+async def breaker_command(settings: Settings, provider: str, command: Command, reason: str = "",
+                          operator: str = "") -> Envelope:
+    """Produce a ``BreakerCommand`` (``open``, ``close`` or ``reset``) on the calls topic, keyed
+    by ``provider``; the executor.breaker consumer applies it in order with the provider's
+    calls and emits its ``BreakerTransitioned``. Returns the produced event.
+
+    Raises:
+        UnknownProvider: ``provider`` is not in ``settings.providers_file`` and has no breaker.
+        ValueError: no Kafka broker or Redis is resolved in ``settings``.
+    """
+    configured = set(load_providers(settings.providers_file, seed=settings.seed))
+    if provider not in configured:
+        redis = Redis.from_url(settings.require_redis(), decode_responses=True)
+        try:
+            known = await redis.exists(Keys(settings.namespace).breaker(provider))
+        finally:
+            await redis.aclose()
+        if not known:
+            raise UnknownProvider(f"no provider {provider!r}: configured are "
+                                  f"{', '.join(sorted(configured))}")
+    event = make_event(BreakerCommand(provider=provider, command=command, reason=reason,
+                                      operator=operator),
+                       producer="rmo.breaker", correlation_id=provider)
+    topic = load_topics(settings.namespace, settings.topics_file).name("calls")
+    async with EventProducer(settings.require_kafka()) as producer:
+        await producer.send_events(topic, [event], key=provider)
+    return event
+
+
+async def budget_report(settings: Settings) -> list[BudgetUsage]:
+    """Every budget line of ``settings.budgets_file`` in its current bucket: limit, spent,
+    pending, reserved, remaining and reserve used (agents/budget.py). Reads Redis only;
+    "current" uses this host's clock. No budgets file: an empty list.
+
+    Raises:
+        OSError, pydantic.ValidationError: the budgets file is unreadable or invalid.
+        ValueError: no Redis URL is resolved in ``settings``.
+        redis.exceptions.ConnectionError: Redis is unreachable.
+    """
+    lines = load_budgets(settings.budgets_file).budgets
+    if not lines:
+        return []
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True)
+    try:
+        return await usage(redis, Keys(settings.namespace), lines, datetime.now(UTC))
+    finally:
+        await redis.aclose()

@@ -97,7 +97,7 @@ async def test_poison_records_are_dead_lettered_and_the_pipeline_keeps_flowing(s
 
     # (name, topic, key, value, error_type, stage, text the reason must contain)
     bad_task = raw_envelope("TaskSubmitted", {"task_id": "bad-priority", "kind": "code",
-                                              "prompt": "def f():\n    pass\n", "priority": 9},
+                                              "prompt": "def f():\n    pass\n", "priority": 11},
                             "poison-schema", "bad-priority")
     unknown = raw_envelope("TaskTeleported", {"task_id": "nowhere"}, "poison-unknown", "nowhere")
     headless = raw_envelope("TaskAnalyzed", {"task_id": "headless", "analyses": [],

@@ -6,14 +6,17 @@ import dataclasses
 import itertools
 import random
 from collections.abc import Iterable
+from dataclasses import replace
 
 import pytest
 
 from agents.breaker import (
+    FOREVER_MS,
     BreakerConfig,
     BreakerState,
     Transition,
     admission,
+    apply_command,
     apply_outcome,
 )
 
@@ -87,7 +90,7 @@ def test_a_success_resets_the_consecutive_count() -> None:
 
 def test_success_when_closed_has_no_transition_and_keeps_successes_zero() -> None:
     s, t = apply_outcome(BreakerState(failures=3), True, 5, CFG)
-    assert s == BreakerState(failures=0)
+    assert (s.state, s.failures, s.successes, s.window) == ("closed", 0, 0, ".")
     assert t == []
 
 
@@ -147,8 +150,10 @@ def test_first_failure_after_timeout_goes_half_open_then_reopens() -> None:
     assert s.successes == 0
     assert s.failures == s0.failures + 1
     assert t[1].failures == s.failures
-    assert admission(s, at + TIMEOUT - 1, CFG) == "reject"
-    assert admission(s, at + TIMEOUT, CFG) == "trial"
+    # the second consecutive trip opens for twice the timeout (backoff_factor 2)
+    assert s.open_until_ms == at + 2 * TIMEOUT
+    assert admission(s, at + 2 * TIMEOUT - 1, CFG) == "reject"
+    assert admission(s, at + 2 * TIMEOUT, CFG) == "trial"
 
 
 def test_two_successes_in_half_open_close_it() -> None:
@@ -156,7 +161,7 @@ def test_two_successes_in_half_open_close_it() -> None:
     s, _t1 = apply_outcome(s0, True, 1_000 + TIMEOUT, CFG)
     assert s.state == "half_open"
     s, t2 = apply_outcome(s, True, 1_000 + TIMEOUT + 1, CFG)
-    assert s == BreakerState()  # fully reset
+    assert (s.state, s.failures, s.successes, s.trips, s.window) == ("closed", 0, 0, 0, "")
     assert [(x.from_state, x.to_state) for x in t2] == [("half_open", "closed")]
     assert t2[0].successes == 2
     assert admission(s, 1_000 + TIMEOUT + 2, CFG) == "allow"
@@ -183,8 +188,8 @@ def test_failure_after_one_success_in_half_open_reopens_with_new_opened_at() -> 
 def test_half_open_success_count_restarts_after_reopen() -> None:
     s = opened(0)
     s, _ = apply_outcome(s, True, TIMEOUT, CFG)          # half_open, 1 success
-    s, _ = apply_outcome(s, False, TIMEOUT + 1, CFG)     # reopened at TIMEOUT+1
-    s, t = apply_outcome(s, True, 2 * TIMEOUT + 1, CFG)  # half_open again, 1 success
+    s, _ = apply_outcome(s, False, TIMEOUT + 1, CFG)     # reopened at TIMEOUT+1 for 2 x TIMEOUT
+    s, t = apply_outcome(s, True, 3 * TIMEOUT + 1, CFG)  # half_open again, 1 success
     assert s.state == "half_open" and s.successes == 1
     assert [(x.from_state, x.to_state) for x in t] == [("open", "half_open")]
 
@@ -242,8 +247,10 @@ def test_default_timeout_does_not_leak_into_custom_config() -> None:
     [
         BreakerState(),
         BreakerState(state="closed", failures=3),
-        BreakerState(state="open", failures=5, opened_at_ms=1_714_000_000_123),
-        BreakerState(state="half_open", failures=6, successes=1, opened_at_ms=42),
+        BreakerState(state="open", failures=5, opened_at_ms=1_714_000_000_123,
+                     open_until_ms=1_714_000_060_123, trips=1, reason="5 consecutive failures"),
+        BreakerState(state="half_open", failures=6, successes=1, opened_at_ms=42, window=".xsX"),
+        BreakerState(state="open", hold="auth", fingerprint="abc", open_until_ms=FOREVER_MS),
     ],
 )
 def test_hash_roundtrip_str_and_bytes(state: BreakerState) -> None:
@@ -337,3 +344,159 @@ def test_random_histories_exercise_every_transition() -> None:
         seen |= {(t.from_state, t.to_state) for t in ts}
     assert seen == {("closed", "open"), ("open", "half_open"), ("half_open", "closed"),
                     ("half_open", "open")}
+
+
+# --------------------------------------------------------------------------- issue item 1
+
+RATE = BreakerConfig(failure_threshold=100, window_size=10, minimum_calls=10, failure_rate=0.5)
+
+
+def test_failure_rate_over_the_window_trips_without_consecutive_failures() -> None:
+    s, t = BreakerState(), []
+    for i in range(10):  # alternate: never 2 consecutive failures, 50 % failed
+        s, ti = apply_outcome(s, i % 2 == 1, 1_000 + i, RATE)
+        t += ti
+    assert s.state == "open" and s.failures == 0
+    assert [(x.trigger, x.to_state) for x in t] == [("failure_rate", "open")]
+    assert "5/10" in t[0].reason
+
+
+def test_failure_rate_waits_for_minimum_calls() -> None:
+    s, t = run([(i % 2 == 1, i) for i in range(9)], RATE)
+    assert s.state == "closed" and t == [] and len(s.window) == 9
+
+
+def test_window_slides_so_old_failures_drop_out() -> None:
+    cfg = BreakerConfig(failure_threshold=100, window_size=10, minimum_calls=10, failure_rate=0.6)
+    s, t = run([(False, i) for i in range(5)] + [(True, 10 + i) for i in range(20)], cfg)
+    assert s.state == "closed" and t == [] and s.window == "." * 10
+
+
+def test_slow_call_rate_trips_on_slow_successes() -> None:
+    cfg = BreakerConfig(window_size=4, minimum_calls=4, slow_call_ms=100, slow_call_rate=0.75)
+    s = BreakerState()
+    trans: list[Transition] = []
+    for i, lat in enumerate([150, 10, 150, 150]):
+        s, t = apply_outcome(s, True, i, cfg, latency_ms=lat)
+        trans += t
+    assert s.state == "open"
+    assert [x.trigger for x in trans] == ["slow_call_rate"]
+
+
+@pytest.mark.parametrize(("error_type", "status"), [("bad_request", 400), ("bad_request", 422),
+                                                      ("context_length_exceeded", 400)])
+def test_caller_fault_400s_do_not_count(error_type: str, status: int) -> None:
+    s = BreakerState()
+    for i in range(50):
+        s, t = apply_outcome(s, False, i, CFG, error_type=error_type, http_status=status)
+        assert t == []
+    assert s == BreakerState()
+
+
+def test_unknown_model_404_counts_as_failure() -> None:
+    s = BreakerState()
+    for i in range(5):
+        s, _ = apply_outcome(s, False, i, CFG, error_type="bad_request", http_status=404)
+    assert s.state == "open"
+
+
+def test_consecutive_trips_back_off_exponentially_up_to_the_cap() -> None:
+    cfg = BreakerConfig(failure_threshold=1, open_timeout_ms=1_000, backoff_factor=2.0,
+                        max_open_ms=5_000)
+    s, _ = apply_outcome(BreakerState(), False, 0, cfg)
+    lengths = [s.open_until_ms - s.opened_at_ms]
+    for _ in range(4):  # each deadline passes, the half-open trial fails
+        s, _ = apply_outcome(s, False, s.open_until_ms, cfg)
+        lengths.append(s.open_until_ms - s.opened_at_ms)
+    assert lengths == [1_000, 2_000, 4_000, 5_000, 5_000]
+    assert s.trips == 5
+    # closing through half-open restarts the backoff
+    cfg2 = replace(cfg, success_threshold=1)
+    s, _ = apply_outcome(s, True, s.open_until_ms, cfg2)
+    assert s.state == "closed" and s.trips == 0
+    s, _ = apply_outcome(s, False, 10**6, cfg2)
+    assert s.open_until_ms - s.opened_at_ms == 1_000
+
+
+def test_retry_after_longer_than_the_timeout_sets_the_open_time() -> None:
+    cfg = BreakerConfig(failure_threshold=1)
+    s, t = apply_outcome(BreakerState(), False, 0, cfg, error_type="rate_limited",
+                         http_status=429, retry_after_s=300)
+    assert s.open_until_ms == 300_000 and t[0].open_until_ms == 300_000
+    s2, _ = apply_outcome(BreakerState(), False, 0, cfg, retry_after_s=5)  # shorter: timeout wins
+    assert s2.open_until_ms == 60_000
+
+
+def test_in_flight_outcomes_never_shorten_the_deadline_but_may_extend_it() -> None:
+    cfg = BreakerConfig(failure_threshold=1)
+    s, _ = apply_outcome(BreakerState(), False, 0, cfg, retry_after_s=300)
+    s2, t = apply_outcome(s, False, 10, cfg, retry_after_s=1)  # a shorter Retry-After
+    assert s2 == s and t == []
+    s3, t = apply_outcome(s, False, 10, cfg, retry_after_s=500)
+    assert s3.open_until_ms == 500_010 and s3.state == "open"
+    assert [(x.from_state, x.to_state, x.trigger) for x in t] == [("open", "open", "retry_after")]
+
+
+def test_quota_error_opens_for_the_quota_time_at_once() -> None:
+    s, t = apply_outcome(BreakerState(), False, 1_000, CFG, error_type="quota_exceeded",
+                         http_status=429)
+    assert (s.state, s.hold, s.open_until_ms) == ("open", "quota", 1_000 + CFG.quota_open_ms)
+    assert t[0].trigger == "quota"
+    s2, _ = apply_outcome(BreakerState(), False, 1_000, CFG, http_status=402, error_type="x")
+    assert s2.hold == "quota"
+    assert admission(s, 1_000 + CFG.quota_open_ms - 1, CFG) == "reject"
+    assert admission(s, 1_000 + CFG.quota_open_ms, CFG) == "trial"
+
+
+def test_auth_error_holds_it_open_until_the_configuration_changes() -> None:
+    s, t = apply_outcome(BreakerState(), False, 0, CFG, error_type="auth_error", http_status=401,
+                         fingerprint="old")
+    assert (s.state, s.hold, s.fingerprint, s.open_until_ms) == ("open", "auth", "old", FOREVER_MS)
+    assert admission(s, 10**12, CFG, "old") == "reject"  # no timeout ends it
+    assert admission(s, 10**12, CFG, "new") == "allow"  # a worker with another key may call
+    s2, t = apply_outcome(s, True, 10**12, CFG, fingerprint="old")  # same config: ignored
+    assert s2 == s and t == []
+    s3, t = apply_outcome(s, True, 10**12, CFG, fingerprint="new")
+    assert s3.state == "closed" and s3.hold == ""
+    assert [(x.from_state, x.to_state, x.trigger) for x in t] == [("open", "closed", "config_changed")]
+
+
+def test_a_403_while_open_escalates_to_an_auth_hold() -> None:
+    s = opened(1_000)
+    s2, t = apply_outcome(s, False, 1_001, CFG, error_type="server_error", http_status=403,
+                          fingerprint="f")
+    assert (s2.hold, s2.open_until_ms) == ("auth", FOREVER_MS) and t[0].trigger == "auth"
+
+
+def test_manual_commands_are_transitions() -> None:
+    s, t = apply_command(BreakerState(), "open", 5, "maintenance", "ops")
+    assert (s.state, s.hold, s.open_until_ms) == ("open", "manual", FOREVER_MS)
+    assert t[0].reason == "manual open by ops: maintenance" and t[0].trigger == "manual_open"
+    s2, t = apply_outcome(s, True, 10**12, CFG)  # a manual hold ignores outcomes
+    assert s2 == s and t == []
+    tripped, _ = run(fails(5))
+    closed, t = apply_command(tripped, "close", 2_000)
+    assert (closed.state, closed.trips, t[0].from_state, t[0].to_state) == ("closed", 1, "open", "closed")
+    reset, t = apply_command(tripped, "reset", 2_000)
+    assert (reset.state, reset.trips) == ("closed", 0) and len(t) == 1
+    again, t = apply_command(BreakerState(), "close", 1)  # even a no-op is on record
+    assert again.state == "closed" and len(t) == 1
+
+
+def test_time_based_window_forgets_calls_older_than_window_ms() -> None:
+    cfg = BreakerConfig(failure_threshold=100, window_size=100, window_ms=10_000,
+                        minimum_calls=4, failure_rate=0.5)
+    # 3 failures long ago, then successes: over the count window alone 3/7 would be counted
+    s, t = run([(False, i) for i in range(3)] + [(True, 25_000 + i) for i in range(4)], cfg)
+    assert s.window == "...." and s.window_at == "25000,25001,25002,25003" and t == []
+    s, t = run([(False, 30_000), (False, 30_001), (False, 30_002)], cfg, start=s)
+    assert s.state == "closed"  # the successes are still within 10 s: 3/7 < 50 %
+    s, t = run([(False, 30_003)], cfg, start=s)
+    assert s.state == "open" and t[0].trigger == "failure_rate" and "4/8" in t[0].reason
+    assert BreakerState.from_hash(s.to_hash()) == s
+
+
+def test_time_based_window_honours_minimum_calls_after_expiry() -> None:
+    cfg = BreakerConfig(failure_threshold=100, window_ms=1_000, minimum_calls=3, failure_rate=0.5)
+    s, t = run([(False, 0), (False, 1), (False, 5_000)], cfg)  # the first two expired
+    assert s.state == "closed" and s.window == "x" and t == []

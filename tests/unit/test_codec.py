@@ -22,7 +22,9 @@ from models.events import (
     EVENT_TYPES,
     PAYLOADS,
     AnalyzerResult,
+    BreakerCommand,
     BreakerTransitioned,
+    BudgetExceeded,
     Candidate,
     DeadLettered,
     ErrorLogged,
@@ -31,6 +33,7 @@ from models.events import (
     ProviderCallCompleted,
     ProviderCallFailed,
     ProviderSelected,
+    ReserveGranted,
     RewardComputed,
     TaskAnalyzed,
     TaskCompleted,
@@ -91,6 +94,8 @@ def _payloads() -> dict[str, object]:
             provider="openai", from_state="closed", to_state="open",
             reason="5 consecutive failures", failures=5, successes=0,
         ),
+        "BreakerCommand": BreakerCommand(provider="openai", command="close", reason="key rotated",
+                                         operator="ops"),
         "TaskExecuted": TaskExecuted(
             task_id="t1", state="s", action="a",
             candidates=[Candidate(provider="openai", text="x"),
@@ -113,6 +118,13 @@ def _payloads() -> dict[str, object]:
             task_id="t1", state="s", action="a", next_state="openai|code_generation|medium",
             performance=0.5, cost_usd=0.01, cost_weight=10.0, reward=0.4, passed=False,
             provider="openai", tokens=300,
+        ),
+        "BudgetExceeded": BudgetExceeded(
+            task_id="t1", provider="claude", line="global/all/total", priority=3,
+            reserve_denied=True, worst_microusd=77_000, worst_tokens=1500,
+        ),
+        "ReserveGranted": ReserveGranted(
+            task_id="t1", provider="grok", priority=5, worst_microusd=16_000, worst_tokens=1500,
         ),
         "TaskCompleted": TaskCompleted(
             task_id="t1", status="passed", result="return a + b", provider="openai", action="a",
@@ -259,7 +271,7 @@ def _schema_error(mutate) -> str:
 @pytest.mark.parametrize(
     "mutate",
     [
-        pytest.param(lambda r: r["payload"].__setitem__("priority", 9), id="priority-9"),
+        pytest.param(lambda r: r["payload"].__setitem__("priority", 11), id="priority-11"),
         pytest.param(lambda r: r["payload"].__setitem__("priority", 0), id="priority-0"),
         pytest.param(lambda r: r["payload"].pop("prompt"), id="missing-prompt"),
         pytest.param(lambda r: r["payload"].__setitem__("colour", "red"), id="extra-payload-field"),
@@ -282,7 +294,7 @@ def test_schema_errors(mutate) -> None:
 
 def test_schema_error_message_names_the_field() -> None:
     raw = _valid_raw()
-    raw["payload"]["priority"] = 9
+    raw["payload"]["priority"] = 11
     with pytest.raises(CodecError) as info:
         decode(orjson.dumps(raw))
     assert "priority" in str(info.value)

@@ -366,7 +366,8 @@ async def test_with_no_admissible_action_a_fallback_still_answers(h: Harness) ->
     """Only ``all:majority`` is configured and one provider's breaker is open: the policy has
     no action, but the healthy provider can still answer the task."""
     a, b = Scripted("a", ok()), Scripted("b", ok())
-    await h.set_breaker("a", BreakerState(state="open", failures=5, opened_at_ms=int(time.time() * 1000)))
+    await h.set_breaker("a", BreakerState(state="open", failures=5, opened_at_ms=(t := int(time.time() * 1000)),
+                                        open_until_ms=t + 60_000))
     out = await h.run(h.stage(a, b, strategies=("majority",)), task())
     assert of(out, "ProviderSelected") == []
     (fb,) = of(out, "FallbackSelected")
@@ -383,7 +384,8 @@ async def test_with_no_admissible_action_a_fallback_still_answers(h: Harness) ->
 async def test_open_breaker_providers_are_skipped_by_routing_and_fallback(h: Harness) -> None:
     a, b, c = Scripted("a", server_error()), Scripted("b", ok()), Scripted("c", ok())
     await h.set_q({"b:single": 5.0, "a:single": 1.0})  # b would be chosen, and be the first fallback
-    await h.set_breaker("b", BreakerState(state="open", failures=5, opened_at_ms=int(time.time() * 1000)))
+    await h.set_breaker("b", BreakerState(state="open", failures=5, opened_at_ms=(t := int(time.time() * 1000)),
+                                        open_until_ms=t + 60_000))
     out = await h.run(h.stage(a, b, c), task())
     (selected,) = of(out, "ProviderSelected")
     assert selected.action == "a:single" and selected.skipped_open == ["b"]
@@ -398,12 +400,13 @@ async def test_half_open_fallback_spends_a_permit_and_gets_one_attempt(h: Harnes
     down = Scripted("down", server_error())
     trial = Scripted("trial", server_error())
     opened = int(time.time() * 1000) - 120_000  # the 60 s open timeout has elapsed
-    await h.set_breaker("trial", BreakerState(state="open", failures=5, opened_at_ms=opened))
+    await h.set_breaker("trial", BreakerState(state="open", failures=5, opened_at_ms=opened,
+                                                      open_until_ms=opened + 60_000))
     out = await h.run(h.stage(down, trial, breaker_half_open_max_calls=1), task(0), task(1))
     assert [s.action for s in of(out, "ProviderSelected")] == ["down:single", "down:single"]
     assert trial.attempts == [0]
     assert len(of(out, "FallbackSelected")) == 1
-    assert await h.redis.get(h.keys.ephemeral("halfopen", "trial", opened)) == "1"
+    assert await h.redis.zcard(h.keys.ephemeral("halfopen", "trial", opened)) == 1
 
 
 async def test_a_half_open_routing_choice_spends_a_permit(h: Harness) -> None:
@@ -430,20 +433,24 @@ async def test_a_half_open_fallback_can_answer(h: Harness) -> None:
 async def test_unspent_trial_permits_are_given_back(h: Harness) -> None:
     a, trial = Scripted("a", ok()), Scripted("trial", ok())
     opened = int(time.time() * 1000) - 120_000
-    await h.set_breaker("trial", BreakerState(state="open", failures=5, opened_at_ms=opened))
+    await h.set_breaker("trial", BreakerState(state="open", failures=5, opened_at_ms=opened,
+                                                      open_until_ms=opened + 60_000))
     key = h.keys.ephemeral("halfopen", "trial", opened)
-    await h.redis.set(key, "1")  # another executor holds one of the two permits
+    # another executor holds one of the two permits, unexpired
+    await h.redis.zadd(key, {"elsewhere": int(time.time() * 1000) + 30_000})
     out = await h.run(h.stage(a, trial), task())
     assert executed(out).chosen == "a" and trial.requests == []
-    assert await h.redis.get(key) == "1"
-    assert await h.redis.ttl(key) > 0
+    assert await h.redis.zrange(key, 0, -1) == ["elsewhere"]
+    assert await h.redis.pttl(key) > 0
 
 
 async def test_permits_held_elsewhere_block_the_half_open_provider(h: Harness) -> None:
     down, trial = Scripted("down", auth), Scripted("trial", ok())
     opened = int(time.time() * 1000) - 120_000
-    await h.set_breaker("trial", BreakerState(state="open", failures=5, opened_at_ms=opened))
-    await h.redis.set(h.keys.ephemeral("halfopen", "trial", opened), "2")  # every permit taken
+    await h.set_breaker("trial", BreakerState(state="open", failures=5, opened_at_ms=opened,
+                                                      open_until_ms=opened + 60_000))
+    until = int(time.time() * 1000) + 30_000  # every permit taken, none expired
+    await h.redis.zadd(h.keys.ephemeral("halfopen", "trial", opened), {"p1": until, "p2": until})
     out = await h.run(h.stage(down, trial), task())
     assert of(out, "ProviderSelected")[0].skipped_open == ["trial"]
     assert trial.requests == [] and of(out, "FallbackSelected") == []
