@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +36,16 @@ from models.events import TaskSubmitted
 from streams import embedded, locate
 from streams.client import EventProducer
 from streams.config import Settings
-from streams.demo import completions, humaneval_tasks, spawn_worker, stop_worker, submit_tasks
+from streams.demo import (
+    DemoError,
+    check_exited,
+    completions,
+    guarded,
+    humaneval_tasks,
+    spawn_worker,
+    stop_worker,
+    submit_tasks,
+)
 from streams.keys import Keys
 from streams.pipeline import build_consumers, wait_caught_up
 from streams.replay import replay
@@ -67,13 +77,28 @@ async def measure_ingest(bootstrap: str, topic: str, tasks: list[TaskSubmitted])
         return len(events) / (time.perf_counter() - t0)
 
 
-async def run_tasks(settings: Settings, tasks: list[TaskSubmitted]) -> tuple[float, list[float]]:
-    """Submit ``tasks``, wait for every TaskCompleted; returns (tasks/s, latencies in ms)."""
+async def run_tasks(settings: Settings, tasks: list[TaskSubmitted], procs: list[subprocess.Popen],
+                    log: Path) -> tuple[float, list[float]]:
+    """Submit ``tasks``, wait for every TaskCompleted; returns (tasks/s, latencies in ms).
+
+    Raises:
+        streams.demo.DemoError: a worker process of ``procs`` exited meanwhile (the end of
+            ``log`` is in the error), instead of waiting for tasks nobody will complete.
+    """
     registry = load_topics(settings.namespace)
+    latencies: list[float] = []
+
+    async def follow() -> None:
+        async for p in completions(settings, registry, {t.task_id for t in tasks}, start):
+            latencies.append(p["latency_ms"])
+
+    async def check() -> None:
+        for proc in procs:
+            check_exited(proc, log)
+
     t0 = time.perf_counter()
     start = await submit_tasks(settings, registry, tasks, "bench")
-    latencies = [p["latency_ms"] async for p in
-                 completions(settings, registry, {t.task_id for t in tasks}, start)]
+    await guarded(follow(), check, None)
     return len(tasks) / (time.perf_counter() - t0), latencies
 
 
@@ -145,8 +170,8 @@ async def _bench(n: int, workers: int, log: Path, budgets: Path | None = None) -
         ingest = await measure_ingest(bootstrap, f"{ns}.ingest", bench_tasks(n, "ingest"))
         await create_topics(bootstrap, load_topics(ns))
         procs = [spawn_worker(settings, log) for _ in range(workers)]
-        await run_tasks(settings, bench_tasks(WARMUP_TASKS, "warmup"))
-        tps, lat = await run_tasks(settings, bench_tasks(n, "run"))
+        await run_tasks(settings, bench_tasks(WARMUP_TASKS, "warmup"), procs, log)
+        tps, lat = await run_tasks(settings, bench_tasks(n, "run"), procs, log)
         await wait_caught_up(settings, load_topics(ns), redis)
         for proc in procs:
             stop_worker(proc)
@@ -175,7 +200,11 @@ def run_bench(*, tasks: int, workers: int, as_json: bool, budgets: Path | None =
     """Entry point of `rmo bench`; prints the figures, returns the exit code. ``budgets``: a
     budgets file the workers run under."""
     log = Path(tempfile.gettempdir()) / "rmo-bench-worker.log"
-    result = asyncio.run(_bench(tasks, workers, log, budgets))
+    try:
+        result = asyncio.run(_bench(tasks, workers, log, budgets))
+    except DemoError as exc:
+        print(f"error: {exc}", *exc.detail, sep="\n", file=sys.stderr)
+        return exc.exit_code
     if as_json:
         print(orjson.dumps(result).decode())
     else:

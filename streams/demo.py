@@ -15,10 +15,11 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis
@@ -93,6 +94,46 @@ class DemoError(RuntimeError):
         self.exit_code = exit_code
 
 
+def check_exited(proc: subprocess.Popen, log: Path | None, log_offset: int = 0) -> None:
+    """Raise :class:`DemoError` with the end of its log (from byte ``log_offset``) if the
+    worker process ``proc`` has exited."""
+    if proc.poll() is None:
+        return
+    code = proc.returncode
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+    tail = embedded.log_tail(log, log_offset, 12) if log else []
+    raise DemoError(f"the worker (pid {proc.pid}) {how}; its log {log} ends:",
+                    detail=[f"  {line}" for line in tail] or ["  (empty)"])
+
+
+async def guarded(main: Coroutine[Any, Any, None], check: Callable[[], Awaitable[None]],
+                  timeout_s: float | None) -> None:
+    """Run ``main`` while awaiting ``check()`` every :data:`WATCH_INTERVAL_S` seconds; the
+    first to raise ends both.
+
+    Raises:
+        TimeoutError: ``main`` did not finish within ``timeout_s`` seconds (None: no limit).
+        Whatever ``main`` or ``check`` raised (e.g. :class:`DemoError`: a worker is gone).
+    """
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            await check()
+
+    running, watching = asyncio.create_task(main), asyncio.create_task(watch())
+    try:
+        finished, _ = await asyncio.wait((running, watching), timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        if not finished:
+            raise TimeoutError
+        for task in finished:
+            task.result()
+    finally:
+        for task in (running, watching):
+            task.cancel()
+        await asyncio.gather(running, watching, return_exceptions=True)
+
+
 @dataclass
 class WorkerWatch:
     """Watches the workers a run relies on: the one it started (``proc``, logging to ``log``
@@ -110,12 +151,8 @@ class WorkerWatch:
     relied: list[Heartbeat] = field(default_factory=list)
 
     async def check(self) -> str:
-        if self.proc is not None and self.proc.poll() is not None:
-            code = self.proc.returncode
-            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-            tail = embedded.log_tail(self.log, self.log_offset, 12) if self.log else []
-            raise DemoError(f"the worker (pid {self.proc.pid}) {how}; its log {self.log} ends:",
-                            detail=[f"  {line}" for line in tail] or ["  (empty)"])
+        if self.proc is not None:
+            check_exited(self.proc, self.log, self.log_offset)
         beats = await liveness.live_workers(self.redis, self.keys)
         if self.proc is None and not beats:
             raise DemoError(f"the worker this run relied on ({self.relied[0].describe()}) "
@@ -202,26 +239,13 @@ async def wait_completed(settings: Settings, registry: TopicRegistry, ids: set[s
                 bar.update(job, completed=len(done),
                            passed=sum(d["status"] == "passed" for d in done.values()))
 
-        async def guard() -> None:
-            while True:
-                await asyncio.sleep(WATCH_INTERVAL_S)
-                phase = await watch.check()
-                if not done and phase != shown[-1]:
-                    shown.append(phase)
-                    console.print(f"[dim]{phase}")
+        async def check() -> None:
+            phase = await watch.check()
+            if not done and phase != shown[-1]:
+                shown.append(phase)
+                console.print(f"[dim]{phase}")
 
-        following, guarding = asyncio.create_task(follow()), asyncio.create_task(guard())
-        try:
-            finished, _ = await asyncio.wait((following, guarding), timeout=timeout_s,
-                                             return_when=asyncio.FIRST_COMPLETED)
-            if not finished:
-                raise TimeoutError
-            for task in finished:
-                task.result()  # re-raises the guard's DemoError
-        finally:
-            for task in (following, guarding):
-                task.cancel()
-            await asyncio.gather(following, guarding, return_exceptions=True)
+        await guarded(follow(), check, timeout_s)
     return done
 
 

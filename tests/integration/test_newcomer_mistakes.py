@@ -278,3 +278,34 @@ def test_demo_refuses_a_running_worker_with_other_providers(settings: Settings, 
     assert result.returncode == 2
     error = one_line_error(result)
     assert "providers oracle" in error and "providers grok, claude, gemini (defaults" in error
+
+
+def _worker_children(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(c) for c in children
+            if b"worker" in Path(f"/proc/{c}/cmdline").read_bytes().split(b"\0")]
+
+
+def test_bench_exits_when_a_worker_it_waits_for_is_killed(settings: Settings, tmp_path: Path) -> None:
+    env = cli_env(settings, RMO_STATE_DIR=str(tmp_path / "state"))
+    proc = subprocess.Popen([*rmo_command(), "bench", "--tasks", "3000", "--workers", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (workers := _worker_children(proc.pid)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        os.kill(workers[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - killed_at < 15
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1
+    assert f"the worker (pid {workers[0]}) was killed by signal 9" in err
