@@ -137,8 +137,8 @@ async def test_broker_outage_quiet_log_resume_and_sigterm(own_kafka, redis_url, 
         assert len(window) < MAX_LINES_IN_WINDOW, (
             f"{len(window)} log lines in {DOWN_WINDOW_S:.0f} s without a broker:\n"
             + "\n".join(window[:40]))
-        assert any("unreachable" in ln for ln in window), "the outage was not logged:\n" + \
-            "\n".join(window)
+        # on a loaded machine the first failed reconnect can come late: wait for it
+        await _line_appears(log, "unreachable", 40, after=before)
 
         back = len(_lines(log))
         own_kafka.append(embedded.start_kafka(port=broker.port))
