@@ -169,11 +169,32 @@ def test_deadletter_with_nothing_to_show_says_so(settings: Settings, topics) -> 
 # --------------------------------------------------------------------------- demo
 
 
-def demo(settings: Settings, tmp_path: Path, *args: str, **extra: str) -> subprocess.Popen:
-    """`rmo demo ARGS` in the background, its own process group, stderr readable line by line."""
+def background(settings: Settings, tmp_path: Path, *args: str, **extra: str) -> subprocess.Popen:
+    """`rmo ARGS` in the background, its own process group, stderr readable line by line."""
     env = cli_env(settings, RMO_STATE_DIR=str(tmp_path / "state"), **extra)
-    return subprocess.Popen([*rmo_command(), "demo", *args], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([*rmo_command(), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def demo(settings: Settings, tmp_path: Path, *args: str, **extra: str) -> subprocess.Popen:
+    """`rmo demo ARGS` in the background (:func:`background`)."""
+    return background(settings, tmp_path, "demo", *args, **extra)
+
+
+def kill_worker_and_wait(proc: subprocess.Popen, worker_pid: int, within_s: float) -> str:
+    """SIGKILL the worker ``worker_pid`` that ``proc`` waits for; assert ``proc`` exits 1
+    within ``within_s`` seconds; return its stderr. ``proc`` is killed if it hangs."""
+    try:
+        os.kill(worker_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - killed_at < within_s
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1
+    return err
 
 
 def read_until(proc: subprocess.Popen, needle: str, timeout_s: float) -> str:
@@ -226,15 +247,11 @@ def test_demo_exits_within_seconds_when_its_worker_is_killed(settings: Settings,
         pid = int(head.rsplit("started a worker (pid ", 1)[1].split(",")[0])
         # progress says what is happening before anything completed
         read_until(proc, "starting the worker", 10)
-        os.kill(pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, rest = proc.communicate(timeout=30)
-        assert time.monotonic() - killed_at < 10
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 1
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    rest = kill_worker_and_wait(proc, pid, within_s=10)
     assert f"the worker (pid {pid}) was killed by signal 9" in rest
 
 
@@ -290,22 +307,15 @@ def _worker_children(pid: int) -> list[int]:
 
 
 def test_bench_exits_when_a_worker_it_waits_for_is_killed(settings: Settings, tmp_path: Path) -> None:
-    env = cli_env(settings, RMO_STATE_DIR=str(tmp_path / "state"))
-    proc = subprocess.Popen([*rmo_command(), "bench", "--tasks", "3000", "--workers", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = background(settings, tmp_path, "bench", "--tasks", "3000", "--workers", "1")
     try:
         deadline = time.monotonic() + 120
         while not (workers := _worker_children(proc.pid)):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.1)
-        os.kill(workers[0], signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, err = proc.communicate(timeout=60)
-        assert time.monotonic() - killed_at < 15
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 1
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    err = kill_worker_and_wait(proc, workers[0], within_s=15)
     assert f"the worker (pid {workers[0]}) was killed by signal 9" in err
