@@ -2,7 +2,7 @@
 
 Projection state is everything except the bookkeeping prefixes: ``ckpt`` (last applied offset
 per consumer and topic-partition), ``seen`` (event ids a consumer applied, for dropping
-re-produced duplicates) and ``eph`` (ephemeral coordination: heartbeats, half-open permits).
+re-produced duplicates) and ``eph`` (ephemeral coordination: heartbeats, half-open permits, budget reservations).
 ``rmo replay --verify`` compares projection state only.
 """
 
