@@ -26,8 +26,8 @@ so replaying the calls topic rebuilds exactly the same state. The protocol:
    may only call on one of ``half_open_max_calls`` permits shared by every process
    (:data:`TAKE_PERMITS`). Each permit expires ``permit_ttl`` after it was taken, so a trial
    whose process crashed or whose call hangs never pins the breaker (resilience4j's can).
-   ``success_threshold`` (seed: 2) successes close it; any failure reopens it (step 3, with
-   backoff).
+   ``success_threshold`` (seed: 2) successes close it; any failure, or a success slower than
+   ``slow_call_ms``, reopens it (step 3, with backoff).
 5. **Manual** commands (:func:`apply_command`, from ``BreakerCommand`` events on the calls
    topic, so they apply in the provider's order): ``open`` holds it open until a ``close`` or
    ``reset``; ``close`` closes it keeping the trip count (a provider that still fails
@@ -239,10 +239,17 @@ def apply_outcome(
         return s, transitions
     failed = verdict != "success"
     if s.state == "half_open":
-        if failed:
+        # a trial that answers, but slowly, proves nothing: it reopens (resilience4j evaluates
+        # the slow-call rate over its half-open calls too)
+        slow = not failed and latency_ms > cfg.slow_call_ms
+        if failed or slow:
             s = replace(s, failures=s.failures + 1)
-            s, t = _trip(s, at_ms, cfg, verdict, "half_open_failure" if verdict == "failure" else verdict,
-                         f"{_what(verdict, error_type)} in half-open", retry_after_s, fingerprint)
+            trigger = ("half_open_slow_call" if slow else
+                       "half_open_failure" if verdict == "failure" else verdict)
+            why = (f"slow call ({latency_ms:.0f} ms > {cfg.slow_call_ms:.0f} ms)" if slow
+                   else _what(verdict, error_type))
+            s, t = _trip(s, at_ms, cfg, "failure" if slow else verdict, trigger,
+                         f"{why} in half-open", retry_after_s, fingerprint)
             transitions.append(t)
             return s, transitions
         s = replace(s, successes=s.successes + 1)

@@ -28,7 +28,10 @@ instance of their schema; other JSON and text requests a short answer.
 **Scripting.** The next requests' answers are scripted with steps, taken in order by the
 next authenticated requests of either protocol: ``server.script({"fault": "rate_limit",
 "retry_after": 2}, {"fault": "ok"})`` in-process, or ``POST /_script`` with a JSON list of
-steps (or ``{"steps": [...]}``) out of process. Without a script, a rule keyed by the
+steps (or ``{"steps": [...]}``) out of process. A **standing mode** is one step that
+answers every request until it is changed (chaos runs: healthy, a 429 storm, slow, dead):
+``server.set_mode({"fault": "rate_limit", "retry_after": 1})``, ``set_mode(None)`` to end it,
+or ``POST /_mode`` with the step (or ``null``). Without a script or a mode, a rule keyed by the
 requested ``model`` applies (see :data:`MODEL_RULES`; ``slow-<ms>`` answers after that
 many ms; ``flaky-<fault>`` fails each distinct prompt once, then answers), else ``ok``.
 Faults (:data:`FAULTS`): ``ok``, ``rate_limit`` (429, ``retry-after`` seconds; optional
@@ -383,6 +386,15 @@ class FakeLLMState:
         self._script: deque[dict[str, Any]] = deque()
         self._requests: list[dict[str, Any]] = []
         self._failed_once: set[str] = set()
+        self._mode: dict[str, Any] | None = None
+
+    def set_mode(self, step: dict[str, Any] | None) -> None:
+        """Answer every request not taken by the script with ``step`` (None: no standing
+        mode). Raises ValueError for an unknown fault."""
+        if step is not None and step.get("fault", "ok") not in FAULTS:
+            raise ValueError(f"unknown fault {step.get('fault')!r} (known: {sorted(FAULTS)})")
+        with self._lock:
+            self._mode = None if step is None else dict(step)
 
     def script(self, *steps: dict[str, Any]) -> None:
         """Queue ``steps`` (see the module docstring) for the next authenticated requests.
@@ -405,6 +417,7 @@ class FakeLLMState:
             self._script.clear()
             self._requests.clear()
             self._failed_once.clear()
+            self._mode = None
 
     def _record(self, record: dict[str, Any]) -> None:
         with self._lock:
@@ -414,6 +427,8 @@ class FakeLLMState:
         with self._lock:
             if self._script:
                 return self._script.popleft()
+            if self._mode is not None:
+                return dict(self._mode)
             if model in MODEL_RULES:
                 return dict(MODEL_RULES[model])
             if match := re.fullmatch(r"slow-(\d+)", model):
@@ -444,6 +459,14 @@ def make_app(state: FakeLLMState) -> web.Application:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"queued": len(steps)})
 
+    async def post_mode(request: web.Request) -> web.Response:
+        step = await request.json()
+        try:
+            state.set_mode(step)
+        except (ValueError, AttributeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"mode": step})
+
     async def get_requests(request: web.Request) -> web.Response:
         return web.json_response(state.requests)
 
@@ -455,6 +478,7 @@ def make_app(state: FakeLLMState) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/_script", post_script)
+    app.router.add_post("/_mode", post_mode)
     app.router.add_get("/_requests", get_requests)
     app.router.add_post("/_reset", post_reset)
     return app
@@ -617,7 +641,7 @@ def _answer(proto: _Protocol, body: dict[str, Any], step: dict[str, Any], model:
 class FakeLLMServer:
     """The fake server in a background thread with its own event loop, on a free loopback
     port: ``with FakeLLMServer(api_key="k") as server: ...`` (or :meth:`start`/:meth:`stop`).
-    ``script``, ``requests`` and ``reset`` are those of :class:`FakeLLMState`."""
+    ``script``, ``set_mode``, ``requests`` and ``reset`` are those of :class:`FakeLLMState`."""
 
     def __init__(self, api_key: str = DEFAULT_API_KEY, host: str = "127.0.0.1") -> None:
         self.state = FakeLLMState(api_key)
@@ -643,6 +667,9 @@ class FakeLLMServer:
 
     def script(self, *steps: dict[str, Any]) -> None:
         self.state.script(*steps)
+
+    def set_mode(self, step: dict[str, Any] | None) -> None:
+        self.state.set_mode(step)
 
     @property
     def requests(self) -> list[dict[str, Any]]:

@@ -500,3 +500,18 @@ def test_time_based_window_honours_minimum_calls_after_expiry() -> None:
     cfg = BreakerConfig(failure_threshold=100, window_ms=1_000, minimum_calls=3, failure_rate=0.5)
     s, t = run([(False, 0), (False, 1), (False, 5_000)], cfg)  # the first two expired
     assert s.state == "closed" and s.window == "x" and t == []
+
+
+def test_a_slow_success_in_half_open_reopens_and_a_fast_one_counts() -> None:
+    cfg = replace(CFG, slow_call_ms=500)
+    s = opened(1_000, cfg)
+    at = s.open_until_ms
+    s, t = apply_outcome(s, True, at, cfg, latency_ms=800)
+    assert [(x.from_state, x.to_state, x.trigger) for x in t] == \
+        [("open", "half_open", "timeout_elapsed"), ("half_open", "open", "half_open_slow_call")]
+    assert t[-1].reason == "slow call (800 ms > 500 ms) in half-open"
+    assert s.state == "open" and s.trips == 2
+    s, t = apply_outcome(s, True, s.open_until_ms, cfg, latency_ms=100)
+    assert (s.state, s.successes) == ("half_open", 1)
+    s, t = apply_outcome(s, True, s.open_until_ms + 1, cfg, latency_ms=499)
+    assert s.state == "closed" and t[-1].trigger == "half_open_successes"
