@@ -20,6 +20,11 @@ differs from it only at the mutated spot. Only code at or after ``region_start``
 the sim provider passes the prompt's length, so helper functions given in the prompt stay
 intact and the mutant still starts with the prompt. Every mutant is re-parsed; one that does
 not parse is discarded.
+
+A mutant is not necessarily wrong: ``x <= 0`` where no test reaches 0, a dropped statement
+that only cached a value, still pass the tests. Which mutants of each HumanEval reference
+fail its tests is measured once, by ``python -m agents.providers.calibrate --rebuild``; the
+sim provider hands out only those (:mod:`agents.providers.answers`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import io
 import random
 import tokenize
 from bisect import bisect_left
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
@@ -307,9 +313,10 @@ def find_mutations(source: str, region_start: int = 0) -> dict[str, tuple[Mutati
     """All applicable mutations of ``source`` starting at or after ``region_start``, by kind.
 
     Each listed mutation changes the text and yields a module that still parses. Raises
-    SyntaxError if ``source`` itself does not parse. Memoized: a sim provider asks for the
-    same task's mutants on every wrong answer, and parsing every mutant dominates its cost.
-    The result is shared, hence immutable.
+    SyntaxError if ``source`` itself does not parse. Memoized: a sim provider asks for an
+    uncalibrated prompt's mutants on every wrong answer (HumanEval's come precomputed with
+    the answer book), and parsing every mutant dominates its cost. The result is shared,
+    hence immutable.
     """
     tree = ast.parse(source)
     src = _Source(source)
@@ -321,18 +328,24 @@ def find_mutations(source: str, region_start: int = 0) -> dict[str, tuple[Mutati
     return {kind: tuple(ms) for kind, ms in by_kind.items()}
 
 
-def mutate(source: str, rng: random.Random, region_start: int = 0) -> str | None:
-    """A mutant of ``source``: a kind chosen uniformly among applicable kinds, then a site.
+def pick(by_kind: Mapping[str, Sequence[Mutation]], rng: random.Random) -> Mutation | None:
+    """One mutation of ``by_kind``: a kind chosen uniformly among the kinds that have one
+    (in sorted order, so the draw does not depend on the mapping's order), then a site.
 
     Choosing the kind first keeps modules full of integer literals from yielding almost only
-    ``off_by_one`` mutants. Returns None when no mutation applies at or after
-    ``region_start``.
+    ``off_by_one`` mutants. Returns None, drawing nothing, when there is none.
     """
-    by_kind = find_mutations(source, region_start)
-    if not by_kind:
+    kinds = sorted(kind for kind, ms in by_kind.items() if ms)
+    if not kinds:
         return None
-    kind = rng.choice(sorted(by_kind))
-    return rng.choice(by_kind[kind]).apply(source)
+    return rng.choice(by_kind[rng.choice(kinds)])
+
+
+def mutate(source: str, rng: random.Random, region_start: int = 0) -> str | None:
+    """A mutant of ``source`` (:func:`pick` among :func:`find_mutations`), or None when no
+    mutation applies at or after ``region_start``."""
+    chosen = pick(find_mutations(source, region_start), rng)
+    return None if chosen is None else chosen.apply(source)
 
 
 def break_syntax(source: str, rng: random.Random, region_start: int = 0) -> str:

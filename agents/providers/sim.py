@@ -5,18 +5,31 @@ are priced as) and behaves like one would on HumanEval-style tasks:
 
 - **Answers.** For a code task it looks the prompt up in its answer book
   (:mod:`agents.providers.answers`). With probability ``accuracy`` (overall or per
-  ``task_type``) it returns the prompt plus the reference solution; otherwise a realistic
-  wrong answer, by ``wrong_answer_mix``: an AST mutation of the reference
-  (:mod:`agents.providers.mutations`) or a syntax error (a truncated answer). A prompt
-  with no reference gets a stub body (``raise NotImplementedError``). A json task is
-  answered with one JSON document: its reference (a ``reference_file`` solution for the
-  prompt), else an instance built from the request's JSON Schema
-  (:func:`schema_instance`: the required properties with type-appropriate values); with
-  probability ``1 - accuracy`` a wrong one instead, by ``wrong_answer_mix``: a mutation (a
-  field dropped, given another type or another value) or a syntax error (the document cut
-  short). The request never carries the task's expected values, so nothing leaks them. A
-  text task gets a short fixed-form answer. The response never says whether the answer is
-  right.
+  ``task_type``, the analyzer's feature the request carries) it returns the prompt plus the
+  reference solution; otherwise a realistic wrong answer, by ``wrong_answer_mix``: an AST
+  mutation of the reference (:mod:`agents.providers.mutations`) or a syntax error (a
+  truncated answer). A prompt with no reference gets a stub body
+  (``raise NotImplementedError``).
+- **Calibration (code, HumanEval).** For the 164 HumanEval problems of the book the sim
+  picks a mutation only among those recorded as failing the problem's tests (measured once,
+  in the validator's sandbox, by :mod:`agents.providers.calibrate`; the sim itself runs
+  nothing); a problem none of whose mutants fails gets a syntax error instead. So every
+  wrong answer is wrong, every right answer (the canonical solution) passes, and a
+  profile's expected pass rate on HumanEval is its **configured accuracy**: the mean over
+  the problems of ``accuracy_for(task_type)`` of each problem's task_type (for a scalar
+  ``accuracy``, that number). ``rmo calibrate`` measures the realised rate
+  (:mod:`streams.calibrate`): within ±3 points of it over seeds 0-9, exactly 0 % at
+  accuracy 0.0 and 100 % at 1.0. Only the book's HumanEval entries are calibrated:
+  ``reference_file`` entries (and a HumanEval prompt whose solution a ``reference_file``
+  replaces) get any mutant, some of which may still pass their tests.
+- **Other kinds.** A json task is answered with one JSON document: its reference (a
+  ``reference_file`` solution for the prompt), else an instance built from the request's
+  JSON Schema (:func:`schema_instance`: the required properties with type-appropriate
+  values); with probability ``1 - accuracy`` a wrong one instead, by ``wrong_answer_mix``:
+  a mutation (a field dropped, given another type or another value) or a syntax error (the
+  document cut short). The request never carries the task's expected values, so nothing
+  leaks them. A text task gets a short fixed-form answer. The response never says whether
+  the answer is right.
 - **Latency** is drawn from a lognormal distribution fitted to ``latency_ms.mean`` and
   ``latency_ms.p95`` and actually awaited; ``mean: 0`` makes calls instant.
 - **Faults.** With probability ``error_rate`` the call fails with HTTP 429 (Retry-After
@@ -30,9 +43,9 @@ are priced as) and behaves like one would on HumanEval-style tasks:
 
 Every draw is seeded from SHA-256 of (seed, provider id, task id, attempt), one independent
 stream per concern (fault, latency, answer), so the same request always gets the same
-outcome, text, latency and tokens, and changing one rate does not reshuffle the other draws.
-The answer draw is compared with ``accuracy``, so raising a provider's accuracy only turns
-wrong answers into right ones, never the reverse.
+outcome, text, latency and tokens (given the shipped calibration data), and changing one
+rate does not reshuffle the other draws. The answer draw is compared with ``accuracy``, so
+raising a provider's accuracy only turns wrong answers into right ones, never the reverse.
 """
 
 from __future__ import annotations
@@ -48,7 +61,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agents.providers.answers import AnswerBook, human_eval_book, load_reference_file
+from agents.providers.answers import (
+    AnswerBook,
+    Reference,
+    answer_prefix,
+    human_eval_book,
+    load_reference_file,
+)
 from agents.providers.base import (
     Provider,
     ProviderRequest,
@@ -57,7 +76,7 @@ from agents.providers.base import (
     RateLimited,
     ServerError,
 )
-from agents.providers.mutations import break_syntax, mutate
+from agents.providers.mutations import break_syntax, mutate, pick
 from agents.providers.pricing import price_usd, resolve_model
 
 CHARS_PER_TOKEN = 4
@@ -267,21 +286,27 @@ class SimProvider(Provider):
             return "", _text_answer(request.prompt)
         if request.kind == "json":
             return "", self._json_answer(request)
-        prefix = request.prompt if request.prompt.endswith("\n") else request.prompt + "\n"
-        solution = self._book.solution(request.prompt)
-        if solution is None:
+        prefix = answer_prefix(request.prompt)
+        reference = self._book.reference(request.prompt)
+        if reference is None:
             return prefix, STUB_BODY
         rng = self._rng(request, "answer")
         if rng.random() < self.config.accuracy_for(request.task_type):
-            return prefix, solution
-        return prefix, self._wrong_completion(prefix, solution, rng)
+            return prefix, reference.solution
+        return prefix, self._wrong_completion(prefix, reference, rng)
 
-    def _wrong_completion(self, prefix: str, solution: str, rng: random.Random) -> str:
-        module = prefix + solution
+    def _wrong_completion(self, prefix: str, reference: Reference, rng: random.Random) -> str:
+        module = prefix + reference.solution
         mix = self.config.wrong_answer_mix
         wants_mutation = rng.random() * (mix.mutation + mix.syntax_error) < mix.mutation
-        mutant = mutate(module, rng, region_start=len(prefix)) if wants_mutation else None
-        # Solutions too small to mutate (e.g. ``return "".join(xs)``) get a syntax error.
+        mutant = None
+        if wants_mutation and reference.failing is None:  # uncalibrated: any mutant
+            mutant = mutate(module, rng, region_start=len(prefix))
+        elif wants_mutation:
+            chosen = pick(reference.failing, rng)
+            mutant = None if chosen is None else chosen.apply(module)
+        # References without a (failing) mutant, e.g. ``return "".join(xs)``, get a syntax
+        # error: the one wrong answer that is wrong by construction.
         wrong = mutant if mutant is not None else break_syntax(module, rng, len(prefix))
         return wrong[len(prefix) :]
 
