@@ -12,6 +12,7 @@ value is a function of the event alone, so replay rebuilds the same Q-table.
 from __future__ import annotations
 
 from agents import qlearning
+from agents.policy.bandit import BanditProjection
 from models.codec import make_event
 from models.events import Envelope, RewardComputed, TaskValidated
 from streams.config import Settings
@@ -65,4 +66,4 @@ class QTableConsumer(Consumer):
     source = "rewards"
 
     def __init__(self, settings: Settings, config: qlearning.QConfig) -> None:
-        self.projections = (QTableProjection(config),)
+        self.projections = (QTableProjection(config), BanditProjection())

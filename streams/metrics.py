@@ -11,7 +11,7 @@ from datetime import datetime
 
 from redis.asyncio import Redis
 
-from agents import qlearning
+from agents.policy.base import Policy
 from models.events import MetricsSnapshot
 from streams.keys import Keys
 from streams.projections import MICRO
@@ -70,9 +70,10 @@ async def provider_summaries(redis: Redis, keys: Keys) -> dict[str, ProviderSumm
     return out
 
 
-async def learned_policy(redis: Redis, keys: Keys) -> dict[str, tuple[str, float]]:
-    """state -> (greedy action, Q-value) from the projected Q-table."""
-    return qlearning.greedy_policy(qlearning.from_fields(await redis.hgetall(keys.qtable)))
+async def learned_policy(redis: Redis, keys: Keys, policy: Policy) -> dict[str, tuple[str, float]]:
+    """What ``policy`` learned in ``keys``' namespace: state -> (best action, its score) (the
+    Q-table's greedy action and Q-value, the bandit's best posterior mean per task type)."""
+    return policy.learned(await policy.load(redis, keys))
 
 
 async def collect(redis: Redis, keys: Keys, window_start: datetime, window_end: datetime) -> MetricsSnapshot:

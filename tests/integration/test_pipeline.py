@@ -57,7 +57,7 @@ async def test_oracle_tasks_flow_through_every_stage(settings, topics, tmp_path)
     assert all(e.payload.features.task_type and len(e.payload.analyses) == 5 for e in analyses)
     decisions = await events(s, topics, "decisions")
     assert {e.payload.task_id for e in decisions} == ids
-    assert all(e.payload.policy == "epsilon-greedy" and
+    assert all(e.payload.policy == "thompson" and
                abs(sum(e.payload.action_probabilities.values()) - 1) < 1e-9 for e in decisions)
     calls = await events(s, topics, "calls")
     assert {e.event_type for e in calls} == {"ProviderCallCompleted"}

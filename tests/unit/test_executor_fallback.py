@@ -34,7 +34,7 @@ from streams.keys import Keys
 from streams.stage import Context, Tx
 from streams.topics import load_topics
 
-STATE = "none|string|low"  # qlearning.make_state(None, "string", "low"): the first task's state
+STATE = "string|low"  # qlearning.feature_state("string", "low"): the routing state of task()
 
 
 class AuthFailed(ProviderError):
@@ -127,7 +127,9 @@ class Harness:
     def __init__(self, namespace: str, redis: Redis) -> None:
         self.keys = Keys(namespace)
         self.redis = redis
+        # greedy Q-learning: the tests set Q-values to steer the choice
         self.settings = Settings(namespace=namespace, sandbox="off", strategies=("single",),
+                                 policy="epsilon-greedy", propensity_floor=0.0,
                                  epsilon_start=0.0, epsilon_min=0.0)
         self.waits = Waits()
 
