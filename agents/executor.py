@@ -5,7 +5,8 @@ The protocol, per batch (SPEC §4). Steps 3-5 run for every task of the batch co
 one process keeps many provider calls in flight; the batch ends when every task has its
 ``TaskExecuted``, and only then are offsets committed (streams/stage.py).
 
-1. **Admit.** Read the Q-table and every provider's breaker once. An open breaker rejects its
+1. **Admit.** Read the policy's learned state (agents/policy), the count of tasks decided so
+   far and every provider's breaker once. An open breaker rejects its
    provider (fail fast). A half-open one admits trial calls: the batch takes what is left of
    the ``breaker_half_open_max_calls`` permits that every executor process shares (one atomic
    Lua script on the sorted set ``{ns}:eph:halfopen:{provider}:{opened_at_ms}``; each permit
@@ -14,13 +15,15 @@ one process keeps many provider calls in flight; the batch ends when every task 
    there). Each task that calls a
    half-open provider spends one permit, routing action and fallback alike, and a trial call
    is a single attempt: any failure reopens the breaker.
-2. **Decide**, task by task in batch order (the state includes the previous choice): the
-   ε-greedy policy picks among the actions whose providers are all admitted, and the choice
-   with its propensities is a ``ProviderSelected`` on the decisions topic. The fallback order
-   is fixed here too: the providers outside the action, by the Q-value of their
-   ``{provider}:single`` action in the task's state, descending, ties in registry order.
-3. **Call** the action's providers concurrently, each call bounded by ``provider_timeout_s``
-   (30 s). A failed call is retried while its ``ProviderError.retryable`` says a repeat may
+2. **Decide**, task by task in batch order: the routing policy (``RMO_POLICY``, default
+   Thompson sampling) picks among the actions whose providers are all admitted, given the
+   task's features and its decision index (so ε and round-robin turns are per task, whatever
+   the batch size), and the choice with its propensities is a ``ProviderSelected`` on the
+   decisions topic. The fallback order is fixed here too: the providers outside the action, by
+   the policy's score of their ``{provider}:single`` action, descending, ties in registry order.
+3. **Call** the action's providers concurrently (a ``cascade`` action: one at a time,
+   cheapest first, until an answer passes the prompt's visible examples, :meth:`_cascade`),
+   each call bounded by ``provider_timeout_s`` (30 s). A failed call is retried while its ``ProviderError.retryable`` says a repeat may
    succeed (429, 408, 409, 5xx, Anthropic's 529, timeouts, lost connections, malformed
    bodies), up to ``max_attempts`` (3) attempts in all, waiting the longer of the provider's
    Retry-After and an exponential backoff with jitter (tenacity's ``wait_exponential_jitter``:
@@ -104,6 +107,8 @@ from agents.budget import (
 )
 from agents.consensus import CandidateView, ConsensusResult, decide
 from agents.examples import behaviour_script, extract_examples
+from agents.policy import Snapshot, make_policy
+from agents.policy.base import Context
 from agents.providers.base import (
     Provider,
     ProviderError,
@@ -112,6 +117,7 @@ from agents.providers.base import (
     ProviderTimeout,
 )
 from agents.providers.registry import fingerprint
+from agents.rules import ActiveRules
 from agents.sandbox import arun_python, resolve_mode
 from models.codec import make_event
 from models.events import (
@@ -150,13 +156,38 @@ class Action:
     strategy: str
 
 
-def build_actions(provider_ids: Sequence[str], strategies: Sequence[str]) -> list[Action]:
+def build_actions(provider_ids: Sequence[str], strategies: Sequence[str],
+                  prices: dict[str, float] | None = None) -> list[Action]:
     """``{provider}:single`` for each provider, plus ``all:{strategy}`` for every multi-provider
-    strategy when there are at least two providers (the Grokputer action space)."""
+    consensus strategy when there are at least two providers (the Grokputer action space), plus
+    ``cascade`` (FrugalGPT): the providers by ``prices`` (USD per million tokens, a blend of
+    input and output; unpriced ones first), cheapest first, ties in registry order."""
     actions = [Action(f"{p}:single", (p,), "single") for p in provider_ids] if "single" in strategies else []
     if len(provider_ids) > 1:
-        actions += [Action(f"all:{s}", tuple(provider_ids), s) for s in strategies if s != "single"]
+        actions += [Action(f"all:{s}", tuple(provider_ids), s) for s in strategies
+                    if s not in ("single", "cascade")]
+        if "cascade" in strategies:
+            order = sorted(provider_ids, key=lambda p: (prices or {}).get(p, 0.0))  # stable
+            actions.append(Action("cascade", tuple(order), "cascade"))
     return actions
+
+
+def action_prices(actions: Sequence[Action], providers: dict[str, Provider]) -> dict[str, tuple[float, float]]:
+    """action -> (input, output) USD per million tokens summed over the providers it calls at
+    once (a cascade's first provider only); unpriced models count 0."""
+    out = {}
+    for a in actions:
+        first = a.providers[:1] if a.strategy == "cascade" else a.providers
+        prices = [providers[p].price_per_mtok() or (0.0, 0.0) for p in first]
+        out[a.name] = (sum(x for x, _ in prices), sum(y for _, y in prices))
+    return out
+
+
+def blended_price(provider: Provider) -> float:
+    """USD per million tokens of a typical code answer: input and output at 1:1 (the ratio of
+    HumanEval prompts to their solutions is near 1), 0.0 when the model is unpriced."""
+    price = provider.price_per_mtok()
+    return 0.0 if price is None else (price[0] + price[1]) / 2
 
 
 @dataclass
@@ -223,11 +254,10 @@ class _Plan:
     state: str
     action: Action | None
     choice: qlearning.Choice | None
-    epsilon: float
     skipped_open: tuple[str, ...]
     fallbacks: tuple[str, ...]
     trial: frozenset[str] = frozenset()
-    policy: str = "epsilon-greedy"
+    policy: str = "thompson"
 
 
 class ExecutorStage(Consumer):
@@ -253,8 +283,9 @@ class ExecutorStage(Consumer):
         self.providers = providers
         self.settings = settings
         self.sleep = sleep
-        self.actions = build_actions(list(providers), settings.strategies)
-        self.qcfg = qconfig(settings)
+        self.actions = build_actions(list(providers), settings.strategies,
+                                     {p: blended_price(prov) for p, prov in providers.items()})
+        self.policy = make_policy(settings.policy, list(providers), settings, action_prices(self.actions, providers))
         self.bcfg = breaker_config(settings)
         # per provider, so one provider's new key re-admits it alone (agents/breaker.py step 6)
         self.fingerprints = {p: fingerprint({p: prov}) for p, prov in providers.items()}
@@ -263,6 +294,7 @@ class ExecutorStage(Consumer):
         # connections in the pool (redis-py's default 100) would fail with MaxConnectionsError
         self._budget_gate = asyncio.Semaphore(BUDGET_SCRIPTS_IN_FLIGHT)
         self.previous: str | None = None
+        self._rules = ActiveRules()  # rules (agents/rules.py): those in force, read per batch
         self._backoff = wait_exponential_jitter(multiplier=settings.retry_backoff_s,
                                                 max=settings.retry_backoff_max_s,
                                                 jitter=settings.retry_backoff_s)
@@ -270,20 +302,21 @@ class ExecutorStage(Consumer):
     async def process(self, events: Sequence[Envelope], tx: Tx) -> None:
         k = tx.keys
         pipe = tx.redis.pipeline(transaction=False)
-        pipe.hgetall(k.qtable)
-        pipe.hget(k.qmeta, "updates")
+        # tasks decided before this batch: the counter this stage projects with its checkpoint
+        pipe.hget(k.counters, "events:TaskAnalyzed")
+        pipe.hgetall(k.active_rules)  # rules (agents/rules.py)
         for p in self.providers:
             pipe.hgetall(k.breaker(p))
-        table_h, updates, *breakers = await pipe.execute()
-        q = qlearning.from_fields(table_h)
-        eps = qlearning.epsilon(int(updates or 0), self.qcfg)
+        decided, rules_h, *breakers = await pipe.execute()
+        self._rules = ActiveRules.from_hash(rules_h)  # rules (agents/rules.py)
+        snap = Snapshot(int(decided or 0), await self.policy.load(tx.redis, k))
         now_ms = int(time.time() * 1000)
         states = {p: BreakerState.from_hash(h) for p, h in zip(self.providers, breakers)}
         adm = await self._admission(states, now_ms, tx)
         plans: list[tuple[Envelope, _Plan]] = []
-        for e in events:
+        for i, e in enumerate(events):
             try:
-                plans.append((e, self._decide(e, q, eps, adm)))
+                plans.append((e, self._decide(e, snap, snap.decided + i, adm)))
             except (ValueError, KeyError, AttributeError) as exc:  # one bad event must not sink the batch
                 tx.fail(e, exc)
         results = await asyncio.gather(*(self._execute(e, plan, adm, tx) for e, plan in plans),
@@ -327,14 +360,17 @@ class ExecutorStage(Consumer):
             # calling every provider again
             pass
 
-    def _decide(self, e: Envelope, q: qlearning.QTable, eps: float, adm: _Admission) -> _Plan:
-        """Step 2 for one task: its action, propensities, trial permits and fallback order.
+    def _decide(self, e: Envelope, snap: Snapshot, index: int, adm: _Admission) -> _Plan:
+        """Step 2 for one task (``index``: its decision index, agents/policy/base.py): its
+        action, propensities, trial permits and fallback order.
 
         Raises:
             ValueError: a forced (recorded) action is not among this stage's actions.
         """
         a: TaskAnalyzed = e.payload
-        state = qlearning.make_state(self.previous, a.features.task_type, a.features.complexity)
+        f = a.features
+        state = (qlearning.make_state(self.previous, f.task_type, f.complexity)
+                 if self.settings.policy_state == "seed" else qlearning.feature_state(f.task_type, f.complexity))
         skipped = tuple(sorted(p for p in self.providers if not adm.admits(p)))
         forced = self.forced_actions.get(a.task_id)
         if forced is not None:
@@ -342,28 +378,35 @@ class ExecutorStage(Consumer):
             if action is None:
                 raise ValueError(f"recorded action {forced!r} is not available; actions: "
                                  f"{[x.name for x in self.actions]}")
-            return _Plan(state, action, qlearning.Choice(forced, False, {forced: 1.0}, {}), 0.0,
-                         skipped, self._fallback_order(state, action, q), policy="replay")
+            return _Plan(state, action, qlearning.Choice(forced, False, {forced: 1.0}, {}),
+                         skipped, self._fallback_order(action, {}), policy="replay")
         # a breaker that does not admit its provider removes every action calling it
         usable = [x for x in self.actions if all(adm.admits(p) for p in x.providers)]
+        # rules (agents/rules.py): no action calling a provider a rule routes this task type
+        # away from, unless that would leave no action at all
+        avoided = self._rules.avoided(f.task_type)
+        usable = [x for x in usable if avoided.isdisjoint(x.providers)] or usable
         if not usable:
-            return _Plan(state, None, None, eps, skipped, self._fallback_order(state, None, q))
+            return _Plan(state, None, None, skipped, self._fallback_order(None, {}),
+                         policy=self.policy.name)
         rng = qlearning.seeded_rng(e.event_id, self.settings.seed)
-        choice = qlearning.select(state, [x.name for x in usable], q, eps, rng)
+        prompt_tokens = len(a.task.prompt) // 4 if a.task else 0  # ~4 characters per token
+        choice = self.policy.choose(Context(f.task_type, f.complexity, state, index, prompt_tokens),
+                                    [x.name for x in usable], snap, rng)
         action = next(x for x in usable if x.name == choice.action)
         trial = frozenset(p for p in action.providers if adm.is_trial(p))
         for p in action.providers:
             adm.take(p)
         self.previous = action.providers[0] if len(action.providers) == 1 else "all"
-        return _Plan(state, action, choice, eps, skipped, self._fallback_order(state, action, q),
-                     trial)
+        return _Plan(state, action, choice, skipped, self._fallback_order(action, choice.q_values),
+                     trial, policy=self.policy.name)
 
-    def _fallback_order(self, state: str, action: Action | None, q: qlearning.QTable) -> tuple[str, ...]:
-        """Providers outside ``action`` by Q(state, ``{provider}:single``) descending (0.0 when
-        unvisited), ties in registry order; step 4 admits each when its turn comes."""
-        row = q.get(state, {})
+    def _fallback_order(self, action: Action | None, scores: dict[str, float]) -> tuple[str, ...]:
+        """Providers outside ``action`` by the policy's score of their ``{provider}:single``
+        action descending (0.0 when unscored), ties in registry order; step 4 admits each when
+        its turn comes."""
         rest = [p for p in self.providers if action is None or p not in action.providers]
-        return tuple(sorted(rest, key=lambda p: -row.get(f"{p}:single", 0.0)))  # stable sort
+        return tuple(sorted(rest, key=lambda p: -scores.get(f"{p}:single", 0.0)))  # stable sort
 
     async def _execute(self, e: Envelope, plan: _Plan, adm: _Admission, tx: Tx) -> None:
         """Steps 3-5 for one task.
@@ -385,22 +428,32 @@ class ExecutorStage(Consumer):
         budget = _TaskBudget(task.priority, a.features.task_type, TaskAllowance(
             None if task.max_cost_usd is None else micro_ceil(task.max_cost_usd), task.budget_tokens))
         outcomes: list[_Outcome] = []
+        accepted: _Outcome | None = None
         if action is not None and plan.choice is not None:
             tx.emit("decisions", make_event(ProviderSelected(
                 task_id=a.task_id, state=plan.state, action=action.name,
                 providers=list(action.providers), strategy=action.strategy, policy=plan.policy,
-                epsilon=plan.epsilon, explored=plan.choice.explored,
+                epsilon=plan.choice.epsilon, explored=plan.choice.explored,
                 action_probabilities=plan.choice.probabilities, q_values=plan.choice.q_values,
                 skipped_open=list(plan.skipped_open),
+                features={"task_type": a.features.task_type, "complexity": a.features.complexity},
             ), producer="executor.policy", cause=e))
-            # the first provider of an action is the task's own call, the others are the extra
-            # calls of multi-provider consensus ("workers" budget parts pay for them)
-            outcomes = list(await asyncio.gather(*(
-                self._call(p, request, e, tx, p in plan.trial, budget, worker=i > 0)
-                for i, p in enumerate(action.providers))))
+            if action.strategy == "cascade":
+                outcomes, accepted = await self._cascade(plan, request, e, tx, budget, task)
+            else:
+                # the first provider of an action is the task's own call, the others are the
+                # extra calls of multi-provider consensus ("workers" budget parts pay for them)
+                outcomes = list(await asyncio.gather(*(
+                    self._call(p, request, e, tx, p in plan.trial, budget, worker=i > 0)
+                    for i, p in enumerate(action.providers))))
         outcomes = await self._fall_back(plan, outcomes, request, e, adm, tx, budget)
         answered = [o for o in outcomes if o.response is not None]
-        result = await self._consensus(action.strategy if action else "single", answered, task)
+        if action is not None and action.strategy == "cascade" and answered:
+            pick = accepted if accepted is not None else answered[-1]
+            result = ConsensusResult(CandidateView(pick.provider, pick.response.text, True, None, None),
+                                     1.0, "cascade")
+        else:
+            result = await self._consensus(action.strategy if action else "single", answered, task)
         executed = TaskExecuted(
             task_id=a.task_id, state=plan.state, action=action.name if action else "none",
             candidates=[Candidate(provider=o.provider, text=o.response.text) for o in answered],
@@ -414,6 +467,27 @@ class ExecutorStage(Consumer):
             budget_scope=None if answered else next((o.refused for o in outcomes if o.refused), None),
         )
         tx.emit("executions", make_event(executed, producer="executor", cause=e))
+
+    async def _cascade(self, plan: _Plan, request: Callable[[int], ProviderRequest], cause: Envelope,
+                       tx: Tx, budget: _TaskBudget, task) -> tuple[list[_Outcome], _Outcome | None]:
+        """Step 3 for a ``cascade`` action (FrugalGPT, Chen, Zaharia & Zou 2023,
+        arXiv:2305.05176): ask its providers one at a time, cheapest first, and stop at the
+        first answer that passes the prompt's visible examples in the sandbox, or that cannot
+        be checked (no examples, sandbox off, not a code task). Every provider's calls are the
+        task's own (personal budget). Returns every outcome and the accepted one (None when no
+        answer passed: step 5 then takes the last answer, the most expensive provider's)."""
+        assert plan.action is not None
+        outcomes: list[_Outcome] = []
+        for p in plan.action.providers:
+            out = await self._call(p, request, cause, tx, p in plan.trial, budget)
+            outcomes.append(out)
+            if out.response is None:
+                continue
+            view = CandidateView(p, out.response.text, _parses(out.response.text), None, None)
+            checked = (await self._with_behaviour([view], task))[0] if view.parses else view
+            if checked.parses and checked.passes_examples is not False:
+                return outcomes, out
+        return outcomes, None
 
     async def _fall_back(self, plan: _Plan, outcomes: list[_Outcome],
                          request: Callable[[int], ProviderRequest], cause: Envelope,
@@ -503,7 +577,8 @@ class ExecutorStage(Consumer):
         """
         req = request(n)
         held = await self._reserve(provider, req, n, cause, tx, out)
-        timeout = self.settings.provider_timeout_s
+        timeout = (self.settings.provider_timeout_s  # rules (agents/rules.py): raise_timeout
+                   * self._rules.timeout_factor(cause.payload.features.complexity))
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):  # cheaper than wait_for: no extra task
@@ -553,7 +628,10 @@ class ExecutorStage(Consumer):
             agent_id=producer, task_id=task_id,
             context={"provider": provider.id, "model": provider.model, "attempt": attempt,
                      "http_status": err.http_status, "retry_after_s": err.retry_after_s,
-                     "retryable": err.retryable, "latency_ms": err.latency_ms},
+                     "retryable": err.retryable, "latency_ms": err.latency_ms,
+                     # rules (agents/rules.py): what the error patterns are keyed by
+                     "task_type": cause.payload.features.task_type,
+                     "complexity": cause.payload.features.complexity},
         ), producer=producer, cause=cause, attempt=attempt, discriminator=f"{provider.id}:error"))
         out.errors.append(err.error_type)
         out.cost_usd += err.cost_usd
