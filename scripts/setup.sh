@@ -16,3 +16,8 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# The Open Bandit Pipeline checks agents/ope.py's estimators (tests/unit/test_ope.py). 0.4.1 is
+# its last release that installs on Python >= 3.11 (0.5.x declares <3.11); --no-deps because
+# it requires torch (gigabytes), which obp.ope's numpy estimators never call: the test extra
+# holds obp.ope's other imports, and the test stands in for the torch names it binds.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps 'obp==0.4.1'
