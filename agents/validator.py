@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from agents.outcomes import state_features
+from agents.patterns import is_truncated
 from agents.validation import ValidationOutcome, ValidationRequest, ValidatorConfig, validate_batch
 from models.codec import make_event
 from models.events import Envelope, ErrorLogged, TaskExecuted, TaskValidated, ValidationLevel
@@ -72,9 +74,14 @@ class ValidatorStage(Consumer):
                                   provider=x.chosen, cost_usd=x.cost_usd, tokens=x.tokens,
                                   verified=verified, budget_scope=x.budget_scope)
         tx.emit("validations", make_event(validated, producer="validator", cause=e))
+        # task_type and complexity key the error patterns (agents/patterns.py)
+        features = state_features(x.state)
+        where = {"task_type": features[0], "complexity": features[1]} if features else {}
         for i, (category, error_type, message) in enumerate(failures):
+            context = {"provider": x.chosen, "action": x.action, **where}
+            if category == "SYNTAX":
+                context["truncated"] = is_truncated(x.chosen_text)
             err = ErrorLogged(category=category, error_type=error_type, message=message[:2000],
-                              agent_id="validator", task_id=x.task_id,
-                              context={"provider": x.chosen, "action": x.action})
+                              agent_id="validator", task_id=x.task_id, context=context)
             tx.emit("errors", make_event(err, producer="validator", cause=e, attempt=i,
                                          discriminator="error"))

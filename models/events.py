@@ -218,6 +218,9 @@ class ProviderSelected(Frozen):
     action_probabilities: dict[str, float]
     q_values: dict[str, float]
     skipped_open: list[str] = Field(default_factory=list)
+    features: dict[str, str] = Field(default_factory=dict)
+    """The analyzer's features the decision saw (``task_type``, ``complexity``): the
+    context of offline policy evaluation."""
 
 
 class FallbackSelected(Frozen):
@@ -415,6 +418,112 @@ class RewardComputed(Frozen):
         return "passed" if self.passed else "failed"
 
 
+class PatternDetected(Frozen):
+    """A recurring error crossed the pattern extractor's thresholds (agents/patterns.py; SPEC
+    §4 learning, §7: at least 3 occurrences, confidence >= 0.7). On the learning topic, keyed
+    by ``pattern``; emitted once per pattern.
+
+    ``pattern`` is the key ``category|error_type|task_type|complexity|provider`` (``*``: any),
+    its parts repeated as fields. ``occurrences``: distinct tasks that failed this way (those
+whose outcome is recorded);
+    ``opportunities``: the tasks that could have (validated answers of ``provider`` on
+    ``task_type``, or every task of ``complexity``, counted so far); ``confidence`` =
+    min(occurrences, opportunities) / (opportunities + 1). ``events``: the ErrorLogged events counted (a task may log several);
+    ``truncated``: of them, SYNTAX errors of an answer that ends mid-statement;
+    ``at_limit``: provider timeouts that ran to the executor's own limit. Times are the
+    first and last matching error's event times."""
+
+    pattern: str
+    category: ErrorCategory
+    error_type: str
+    task_type: str
+    complexity: str
+    provider: str
+    occurrences: int = Field(ge=0)
+    opportunities: int = Field(ge=0)
+    confidence: float = Field(ge=0.0, le=1.0)
+    events: int = Field(ge=0)
+    truncated: int = Field(default=0, ge=0)
+    at_limit: int = Field(default=0, ge=0)
+    first_seen: datetime
+    last_seen: datetime
+
+
+RuleKind = Literal["avoid_provider", "raise_timeout", "raise_max_output_tokens"]
+"""What a protocol rule changes (agents/rules.py): the executor stops choosing a provider's
+actions for a task type; multiplies the provider timeout for a complexity; multiplies the
+output-token limit (proposed only: nothing in the log can test it)."""
+
+
+class RuleEvidence(Frozen):
+    """The figures a rule decision rests on (agents/rules.py), each None where the decision
+    does not use it. Counts are tasks (validated answers), rates are fractions 0-1.
+
+    ``confidence``, ``occurrences``, ``opportunities``: the pattern's when decided.
+    ``provider_tasks`` / ``provider_failed``: recorded tasks of the rule's task type answered
+    by the avoided provider, and how many failed; ``other_tasks`` / ``other_failed``: the same
+    on the other providers. ``timeouts`` / ``timeouts_at_limit``: the pattern's provider
+    timeouts, and those that ran to the executor's limit. ``estimated_effect``: the failure
+    rate the rule would have avoided on the tasks it touches, from history.
+    ``before_tasks`` / ``before_failed``: the touched scope (the task type, or complexity)
+    when the rule was applied; ``routed_tasks`` / ``routed_failed``: of them, those that went
+    the way the rule routes (for ``avoid_provider``: answered by another provider);
+    ``after_tasks`` / ``after_failed``: tasks routed that way since; ``measured_effect``:
+    before rate - after rate (negative: the rule made things worse)."""
+
+    confidence: float | None = None
+    occurrences: int | None = None
+    opportunities: int | None = None
+    provider_tasks: int | None = None
+    provider_failed: int | None = None
+    other_tasks: int | None = None
+    other_failed: int | None = None
+    timeouts: int | None = None
+    timeouts_at_limit: int | None = None
+    estimated_effect: float | None = None
+    before_tasks: int | None = None
+    before_failed: int | None = None
+    routed_tasks: int | None = None
+    routed_failed: int | None = None
+    after_tasks: int | None = None
+    after_failed: int | None = None
+    measured_effect: float | None = None
+
+
+class RuleChange(Frozen):
+    """Shared fields of the protocol updater's events (agents/rules.py), on the learning topic
+    keyed by ``rule_id`` so one rule's events stay in order. ``params``: ``avoid_provider``
+    {task_type, provider}; ``raise_timeout`` {complexity, factor}; ``raise_max_output_tokens``
+    {factor}. ``pattern``: the key of the PatternDetected that proposed it; ``reason``: the
+    decision in words; ``evidence``: its figures."""
+
+    rule_id: str
+    kind: RuleKind
+    params: dict[str, str | float]
+    pattern: str
+    reason: str
+    evidence: RuleEvidence = Field(default_factory=RuleEvidence)
+
+
+class ProtocolRuleProposed(RuleChange):
+    """A rule suggested by a detected pattern; not yet in force."""
+
+
+class ProtocolRuleApplied(RuleChange):
+    """A proposed rule put in force: its pattern's confidence reached 0.8 (SPEC §7) and its
+    evaluation on the recorded tasks it would have touched was positive. ``evidence`` holds
+    the evaluation and the touched scope's figures at this moment (``before_*``)."""
+
+
+class ProtocolRuleRejected(RuleChange):
+    """A proposed rule that will not be applied: its evaluation on history found no benefit."""
+
+
+class ProtocolRuleRolledBack(RuleChange):
+    """An applied rule taken out of force: the failure rate of the tasks it touches rose
+    after it was applied (``evidence``: before and after figures)."""
+
+
 class BudgetExceeded(Frozen):
     """A provider call not made: a budget line (``line``, e.g. ``global/all/total``, or
     ``task``) could not admit its worst case (micro-USD, tokens). On the errors topic."""
@@ -529,6 +638,11 @@ PAYLOADS: dict[str, type[Frozen]] = {
         TaskValidated,
         ErrorLogged,
         RewardComputed,
+        PatternDetected,
+        ProtocolRuleProposed,
+        ProtocolRuleApplied,
+        ProtocolRuleRejected,
+        ProtocolRuleRolledBack,
         BudgetExceeded,
         ReserveGranted,
         TaskCompleted,

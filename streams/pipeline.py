@@ -11,7 +11,9 @@ from redis.asyncio import Redis
 from agents.analyzer import AnalyzerStage
 from agents.executor import ExecutorStage, breaker_config, qconfig
 from agents.learning import QTableConsumer, RewardStage
+from agents.patterns import PatternExtractor
 from agents.providers.base import Provider
+from agents.rules import ProtocolUpdater, RuleMonitor
 from agents.validator import ValidatorStage
 from streams.client import high_watermarks
 from streams.config import Settings
@@ -31,13 +33,18 @@ SOURCES: tuple[tuple[str, str], ...] = (
     (ValidatorStage.name, ValidatorStage.source),
     (RewardStage.name, RewardStage.source),
     (QTableConsumer.name, QTableConsumer.source),
+    (PatternExtractor.name, PatternExtractor.source),
+    (ProtocolUpdater.name, ProtocolUpdater.source),
+    (RuleMonitor.name, RuleMonitor.source),
 )
 """(consumer name, source role) of every consumer, in pipeline order."""
 
 
 def build_consumers(settings: Settings, providers: dict[str, Provider]) -> list[Consumer]:
     """analyzer -> executor (+ breaker and budget projections of its calls) -> validator ->
-    learning (+ the Q-table consumer of the rewards topic)."""
+    learning (+ the Q-table consumer of the rewards topic), and the learning subsystem's
+    error patterns (errors topic), protocol rules (learning topic) and task outcomes with the
+    rules' evaluation (rewards topic; agents/rules.py)."""
     return [
         AnalyzerStage(),
         ExecutorStage(providers, settings),
@@ -46,6 +53,9 @@ def build_consumers(settings: Settings, providers: dict[str, Provider]) -> list[
         ValidatorStage(settings),
         RewardStage(settings),
         QTableConsumer(settings, qconfig(settings)),
+        PatternExtractor(settings),
+        ProtocolUpdater(settings),
+        RuleMonitor(settings),
     ]
 
 

@@ -142,7 +142,8 @@ async def test_replay_rebuilds_the_live_state_exactly(history):
     target = history.target()
     report = await history.replay(target)
     assert report.events > 0 and set(report.per_consumer) == {
-        "analyzer", "executor", "executor.breaker", "validator", "learning", "learning.qtable"}
+        "analyzer", "executor", "executor.breaker", "validator", "learning", "learning.qtable",
+        "learning.patterns", "learning.rules", "learning.outcomes"}
     assert report.per_consumer["learning.qtable"] == len(history.completed)
 
     assert await verify(history.redis, history.keys, Keys(target)) == []
