@@ -55,6 +55,8 @@ providers_app = typer.Typer(help="The configured LLM providers.", no_args_is_hel
 app.add_typer(providers_app, name="providers")
 breaker_app = typer.Typer(help="The providers' circuit breakers (agents/breaker.py).", no_args_is_help=True)
 app.add_typer(breaker_app, name="breaker")
+rules_app = typer.Typer(help="Error patterns and the protocol rules they propose (agents/rules.py).")
+app.add_typer(rules_app, name="rules")
 
 log = logging.getLogger("rmo.cli")
 
@@ -269,6 +271,37 @@ def breaker_reset(provider: str, reason: ReasonOption = "", operator: OperatorOp
                   providers: ProvidersOption = None) -> None:
     """Close PROVIDER's breaker and forget its window and trip count."""
     _breaker_command("reset", provider, reason, operator, providers)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@rules_app.callback(invoke_without_command=True)
+def rules_list(ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List error patterns (key, occurrences, confidence, first/last seen) and protocol rules
+    (id, kind, params, state, and each stage's reason and evidence)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with services() as s:
+        try:
+            report = asyncio.run(service.rules_report(s))
+        except (ValueError, OSError) as exc:
+            raise fail(str(exc)) from None
+    typer.echo(json.dumps(report.to_dict()) if as_json else "\n".join(report.render()))
+
+
+@rules_app.command("demo")
+def rules_demo(
+    seed: Annotated[int, typer.Option(help="Seed of sim providers and exploration.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
+    timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 600.0,
+) -> None:
+    """HumanEval twice through a worker whose gemini fails every string task with a syntax
+    error: the pattern, the rule it proposes and its evidence, and the string tasks' failure
+    rate before and after the rule applied (a fresh namespace; services kept, like `rmo demo`)."""
+    from streams.rules_demo import run_rules_demo
+
+    raise typer.Exit(run_rules_demo(seed=seed, as_json=as_json, timeout_s=timeout))
 
 
 # --------------------------------------------------------------------------- services
@@ -583,6 +616,39 @@ async def _deadletter(s: Settings, retry: str | None, as_json: bool) -> int:
     return 0
 
 
+@app.command("evaluate-policy")
+def evaluate_policy_cmd(
+    policy: Annotated[str | None, typer.Option("--policy", help="provider:ID, random, greedy or logged.")] = None,
+    policy_file: Annotated[Path | None, typer.Option("--policy-file", help="YAML routing: task_types (task type -> action) and default.")] = None,
+    from_offset: Annotated[int | None, typer.Option("--from-offset", help="Start every decisions partition at this offset.")] = None,
+    from_time: Annotated[datetime | None, typer.Option("--from-time", help="Only decisions made at or after this time (RFC 3339).")] = None,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", min=1, help="Bootstrap resamples of the intervals.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the bootstrap and the reward model's folds.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Estimate another routing policy's pass rate and cost per task from the logged
+    decisions' propensities and outcomes: IPS, self-normalised IPS and doubly robust, with
+    bootstrap intervals, the effective sample size and warnings (streams/policy_eval.py)."""
+    from agents.target_policies import UnknownPolicy
+
+    if (policy is None) == (policy_file is None):
+        raise fail("give one of --policy NAME and --policy-file FILE")
+    if from_offset is not None and from_time is not None:
+        raise fail("choose one of --from-offset, --from-time")
+    if from_time is not None and from_time.tzinfo is None:
+        from_time = from_time.replace(tzinfo=UTC)
+    with services() as s:
+        try:
+            est = asyncio.run(service.evaluate_policy(
+                s, policy, policy_file=policy_file, from_offset=from_offset, from_time=from_time,
+                n_bootstrap=bootstrap, seed=seed))
+        except UnknownPolicy as exc:
+            raise fail(str(exc)) from None
+        except (LookupError, ValueError) as exc:  # no decisions or outcomes, no topic, no broker
+            raise fail(str(exc), code=1) from None
+    typer.echo(json.dumps(est.to_dict()) if as_json else "\n".join(est.render()))
+
+
 # --------------------------------------------------------------------------- jobs
 
 
@@ -620,6 +686,120 @@ def bench(
 
     raise typer.Exit(run_bench(tasks=tasks, workers=workers, as_json=as_json,
                                budgets=_budgets_file(budgets)))
+
+
+def _seeds(text: str) -> list[int]:
+    """``0,1,2`` or ``0-9`` as a list of ints (typer.BadParameter otherwise)."""
+    try:
+        if "-" in text:
+            lo, hi = text.split("-", 1)
+            return list(range(int(lo), int(hi) + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected e.g. 0,1,2 or 0-9, got {text!r}") from None
+
+
+STUDY_COLUMNS = (("last_pass_rate", "pass", "{:.3f}"), ("last_cost_usd", "cost $", "{:.3f}"),
+                 ("last_pass_per_usd", "pass/$", "{:,.0f}"), ("last_oracle_share", "oracle", "{:.0%}"),
+                 ("all_pass_rate", "pass", "{:.3f}"), ("all_cost_usd", "cost $", "{:.3f}"),
+                 ("all_pass_per_usd", "pass/$", "{:,.0f}"), ("all_oracle_share", "oracle", "{:.0%}"))
+
+
+@app.command()
+def study(
+    epochs: Annotated[int, typer.Option(min=1, help="HumanEval passes per run, back to back.")] = 3,
+    seeds: Annotated[str, typer.Option(help="Seeds, e.g. 0,1,2 or 0-9 (sim draws and exploration).")] = "0,1,2",
+    providers: ProvidersOption = None,
+    policies: Annotated[str | None, typer.Option(help="Comma-separated policies (default: all).")] = None,
+    parallel: Annotated[int, typer.Option(min=1, help="Runs at once (one worker each).")] = 2,
+    out: Annotated[Path, typer.Option(help="Directory for the plots.")] = Path("rmo-study"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+) -> None:
+    """Compare routing policies on HumanEval x EPOCHS per seed, each in its own namespace:
+    pass rate, cost, passes per dollar, share of the hindsight oracle's, regret; writes the
+    cost-quality plane and the learning curve as PNGs (streams/study.py). The namespaces are
+    kept for `rmo evaluate-policy`."""
+    import secrets
+    import tempfile
+
+    from streams import study as st
+    from streams.demo import DemoError
+
+    path = _providers_file(providers)
+    chosen = [p.strip() for p in policies.split(",")] if policies else st.default_policies(path)
+    seed_list = _seeds(seeds)
+    logs = Path(tempfile.mkdtemp(prefix="rmo-study-"))
+    s = Settings()
+    # like the demo, what it starts stays up: the runs' namespaces are for evaluate-policy
+    found = locate.locate(s.kafka_bootstrap_servers, s.redis_url, keep=True)
+    for h in found.kept:
+        typer.echo(f"started {h.name} at {h.address} (kept running; `rmo down` stops it)", err=True)
+    # a fresh prefix per study: a namespace's Redis state must come from its own log
+    s = s.model_copy(update={"kafka_bootstrap_servers": found.bootstrap, "redis_url": found.redis_url,
+                             "namespace": f"{s.namespace}-study{secrets.token_hex(2)}",
+                             "providers_file": path})
+    typer.echo(f"study: {len(chosen)} policies x {len(seed_list)} seeds x {epochs} epochs, "
+               f"{parallel} at a time, namespaces {s.namespace}-*; worker logs in {logs}", err=True)
+    try:
+        result = st.study(s, chosen, seed_list, epochs, parallel, out, logs)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+    except DemoError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        for line in exc.detail:
+            typer.echo(line, err=True)
+        raise typer.Exit(exc.exit_code) from None
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{'':22}{'last epoch':^36}  {'all epochs':^36}  regret (passes) at epoch end")
+    typer.echo(f"{'policy':22}" + "".join(f"{h:>9}" for _, h, _ in STUDY_COLUMNS))
+    for name, row in result["table"].items():
+        cells = "".join(f"{(fmt.format(row[k]) if k in row else '-'):>9}" for k, _, fmt in STUDY_COLUMNS)
+        regrets = " ".join(f"{row[k]:.0f}" for k in sorted(row) if k.startswith("regret_e"))
+        typer.echo(f"{name:22}{cells}  {regrets}")
+    for name, f in result["floors"].items():
+        typer.echo(f"floor {'ok  ' if f['ok'] else 'FAIL'} {name}: {f['value']} (bound {f['bound']})")
+    for log_policy, rows in result["ope"].items():
+        typer.echo(f"offline evaluation of each provider from the {log_policy} runs' logs (pass rate, "
+                   f"median over seeds):")
+        for name, m in rows.items():
+            typer.echo(f"  {'ok  ' if m['ok'] else 'off '} {name:18} measured {m['measured']:.3f}  "
+                       f"SNIPS {m['snips']:.3f}  DR {m['dr']:.3f}  IPS {m['ips']:.3f}  "
+                       f"ESS {m['ess']:.0f}  error {m['error_points']:.1f} points")
+    typer.echo("plots: " + ", ".join(result["plots"]))
+
+
+@app.command()
+def calibrate(
+    seeds: Annotated[str, typer.Option(help="Seeds: a range (0-9), a number, or a comma list of them.")] = "0-9",
+    providers: ProvidersOption = None,
+    extremes: Annotated[bool, typer.Option(help="Also measure profiles at accuracy 0.0 and 1.0.")] = True,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Each sim profile's realised HumanEval pass rate against its configured accuracy (the mean
+    over the 164 problems of the accuracy for each problem's task_type): the sim's first-attempt
+    answers through the validator's own levels and sandbox (RMO_SANDBOX, RMO_VALIDATOR_LEVELS),
+    per seed. Exit 1 when a profile is off by more than 3 points, a wrong answer passed or a
+    reference answer failed."""
+    from streams.calibrate import (
+        CalibrationError,
+        parse_seeds,
+        render,
+        run_calibration,
+        validator_config,
+    )
+
+    path = _providers_file(providers)
+    try:
+        seed_list, validator = parse_seeds(seeds), validator_config(Settings())
+        if not as_json:
+            typer.echo("calibrating: sim answers to HumanEval through the validator...", err=True)
+        report = run_calibration(path, seed_list, extremes, validator)
+    except CalibrationError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(json.dumps(report.to_dict()) if as_json else "\n".join(render(report)))
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command("budget")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
+from agents import ope, target_policies
 from agents.breaker import BreakerConfig, BreakerState, Command, admission
 from agents.budget import BudgetUsage, load_budgets, usage
 from agents.executor import breaker_config
@@ -29,10 +30,12 @@ from agents.providers.registry import load_providers
 from agents.providers.sim import STUB_BODY
 from models.codec import make_event
 from models.events import BreakerCommand, Envelope
+from streams import policy_eval
 from streams.client import EventProducer
 from streams.config import Settings
 from streams.keys import Keys
 from streams.lineage import Node, lineage
+from streams.policy_eval import NoDecisions, PolicyEstimate
 from streams.projections import task_status
 from streams.topics import load_topics
 
@@ -502,3 +505,216 @@ async def budget_report(settings: Settings) -> list[BudgetUsage]:
         return await usage(redis, Keys(settings.namespace), lines, datetime.now(UTC))
     finally:
         await redis.aclose()
+
+
+# --------------------------------------------------------------------------- policy evaluation
+
+
+async def evaluate_policy(settings: Settings, policy: str | None = None, *,
+                          policy_file: Path | None = None, from_offset: int | None = None,
+                          from_time: datetime | None = None,
+                          n_bootstrap: int = ope.DEFAULT_BOOTSTRAP,
+                          alpha: float = ope.DEFAULT_ALPHA, seed: int = 0) -> PolicyEstimate:
+    """Estimate the pass rate and cost per task (USD) a target policy would have had on
+    ``settings.namespace``'s logged traffic (``rmo evaluate-policy``): IPS, SNIPS and doubly
+    robust estimates with percentile bootstrap intervals (``n_bootstrap`` resamples,
+    ``1 - alpha`` level, ``seed``), the effective sample size, warnings, and the logged
+    policy's measured figures (streams/policy_eval.py, agents/ope.py).
+
+    The target is ``policy`` (a name of agents/target_policies.py: ``provider:ID``,
+    ``random``, ``greedy``, ``logged``) or ``policy_file`` (a YAML task-type routing), exactly
+    one of them. ``from_offset`` starts every decisions partition at that offset;
+    ``from_time`` keeps the decisions that occurred at or after it. Reads Kafka only.
+
+    Raises:
+        agents.target_policies.UnknownPolicy: an unknown name or an invalid policy file.
+        streams.policy_eval.NoDecisions: no ``ProviderSelected`` in the range read.
+        streams.policy_eval.NothingToEvaluate: no decision has an outcome yet, or the target
+            can act in none of the logged rounds.
+        ValueError: neither or both of ``policy`` and ``policy_file``; no Kafka broker resolved.
+        LookupError: the decisions or rewards topic does not exist.
+    """
+    if (policy is None) == (policy_file is None):
+        raise ValueError("give exactly one of a policy name and a policy file")
+    target = (target_policies.load_policy_file(policy_file) if policy_file is not None
+              else target_policies.resolve(policy or ""))
+    registry = load_topics(settings.namespace, settings.topics_file)
+    log = await policy_eval.read_log(settings, registry, from_offset=from_offset,
+                                     from_time=from_time)
+    if not log.decisions:
+        since = (f" from offset {from_offset}" if from_offset is not None else
+                 f" since {from_time.isoformat()}" if from_time is not None else "")
+        raise NoDecisions(f"namespace {settings.namespace}: no routing decision (ProviderSelected) "
+                          f"in {registry.name('decisions')}{since}")
+    estimate = policy_eval.estimate(settings.namespace, log, target, n_bootstrap=n_bootstrap,
+                                    alpha=alpha, seed=seed)
+    return replace(estimate, from_offset=from_offset, from_time=from_time)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class PatternReport:
+    """One error pattern (agents/patterns.py). ``key`` is
+    ``category|error_type|task_type|complexity|provider`` (``*``: any), its parts repeated;
+    ``occurrences``: distinct tasks that failed this way, ``events``: ErrorLogged events;
+    ``opportunities`` and ``confidence`` (0-1) as of now; ``first_seen`` / ``last_seen``: event
+    times; ``detected_confidence``: the confidence its PatternDetected carried (None: not
+    detected)."""
+
+    key: str
+    category: str
+    error_type: str
+    task_type: str
+    complexity: str
+    provider: str
+    occurrences: int
+    events: int
+    opportunities: int
+    confidence: float
+    first_seen: datetime | None
+    last_seen: datetime | None
+    detected_confidence: float | None
+
+
+@dataclass(frozen=True)
+class RuleStageReport:
+    """One transition of a rule: ``stage`` (proposed, applied, rejected, rolled_back), its
+    event time, the reason, and the evidence figures (:class:`models.events.RuleEvidence`,
+    only those set)."""
+
+    stage: str
+    at: datetime
+    reason: str
+    evidence: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RuleReport:
+    """One protocol rule (agents/rules.py): id, kind, params, the pattern that proposed it,
+    its ``state``, every stage it went through in order and, while applied, ``measured``: the
+    before/after figures as of now (counts of tasks, ``measured_effect`` = before rate -
+    after rate)."""
+
+    id: str
+    kind: str
+    params: dict[str, str | float]
+    pattern: str
+    state: str
+    stages: list[RuleStageReport]
+    measured: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class RulesReport:
+    """``rmo rules``: error patterns (most occurrences first) and protocol rules (by id)."""
+
+    patterns: list[PatternReport]
+    rules: list[RuleReport]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: numbers as numbers, times as RFC 3339 strings, absent values null."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, datetime):
+                return value.isoformat()
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [plain(v) for v in value]
+            return value
+        return plain(asdict(self))
+
+    def render(self, detected_only: bool = False) -> list[str]:
+        """The plain-text form: one line per pattern (with ``detected_only``, only those that
+        were detected); per rule a line, then its stages."""
+        shown = [p for p in self.patterns if p.detected_confidence is not None or not detected_only]
+        lines = [f"patterns ({len(shown)}{' detected' if detected_only else ''}):"]
+        for p in shown:
+            where = ", ".join(f"{n}={v}" for n, v in (("error_type", p.error_type),
+                                                      ("task_type", p.task_type),
+                                                      ("complexity", p.complexity),
+                                                      ("provider", p.provider)) if v != "*")
+            seen = (f", seen {p.first_seen:%H:%M:%S}-{p.last_seen:%H:%M:%S}Z"
+                    if p.first_seen and p.last_seen else "")
+            detected = (f", detected at confidence {p.detected_confidence:.2f}"
+                        if p.detected_confidence is not None else "")
+            lines.append(f"  {p.category} {where}: {p.occurrences} of {p.opportunities} tasks "
+                         f"(confidence {p.confidence:.2f}), {p.events} errors{seen}{detected}")
+        lines.append(f"rules ({len(self.rules)}):")
+        for r in self.rules:
+            params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in r.params.items())
+            lines.append(f"  {r.id}: {r.state} ({r.kind} {params}; pattern {r.pattern})")
+            for s in r.stages:
+                lines.append(f"    {s.stage} {s.at:%Y-%m-%d %H:%M:%S}Z: {s.reason}")
+                if s.evidence:
+                    lines.append("      evidence: " + _figures(s.evidence))
+            if r.measured:
+                lines.append("    measured now: " + _figures(r.measured))
+        return lines
+
+
+def _figures(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items())
+
+
+async def rules_report(settings: Settings) -> RulesReport:
+    """Every error pattern and protocol rule of ``settings.namespace`` (the projections of
+    agents/patterns.py, agents/rules.py and agents/outcomes.py). Reads Redis only.
+
+    Raises:
+        ValueError: no Redis URL is resolved in ``settings``.
+        redis.exceptions.ConnectionError: Redis is unreachable.
+    """
+    from agents.patterns import (
+        PatternCounts,
+        PatternKey,
+        confidence,
+        detected_payload,
+        occurrences,
+        to_time,
+    )
+    from agents.rules import RuleState, measure
+
+    keys = Keys(settings.namespace)
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True)
+    try:
+        patterns = sorted(await redis.smembers(keys.error_patterns))
+        rule_ids = sorted(await redis.smembers(keys.rules))
+        pipe = redis.pipeline(transaction=False)
+        pipe.hgetall(keys.detected)
+        for p in patterns:
+            pipe.hgetall(keys.error_pattern(p))
+        for r in rule_ids:
+            pipe.hgetall(keys.rule(r))
+        detected_h, *rest = await pipe.execute()
+        found, outcomes = await occurrences(redis, keys, patterns)
+    finally:
+        await redis.aclose()
+    reports = []
+    for p, h in zip(patterns, rest):
+        key, counts = PatternKey.parse(p), PatternCounts.from_hash(h)
+        opportunities = key.opportunities(outcomes)
+        detected = detected_payload(detected_h[p]) if p in detected_h else None
+        reports.append(PatternReport(
+            key=p, category=key.category, error_type=key.error_type, task_type=key.task_type,
+            complexity=key.complexity, provider=key.provider, occurrences=found[p],
+            events=counts.events, opportunities=opportunities,
+            confidence=round(confidence(found[p], opportunities), 4),
+            first_seen=to_time(counts.first_seen_ms), last_seen=to_time(counts.last_seen_ms),
+            detected_confidence=round(detected.confidence, 4) if detected else None))
+    reports.sort(key=lambda r: (-r.occurrences, r.key))
+    rules = []
+    for rule_id, h in zip(rule_ids, rest[len(patterns):]):
+        if not h:
+            continue
+        s = RuleState.from_hash(rule_id, h)
+        stages = sorted((RuleStageReport(stage, datetime.fromisoformat(at), reason,
+                                         ev.model_dump(exclude_none=True))
+                         for stage, (at, reason, ev) in s.stages.items()), key=lambda x: x.at)
+        measured = (measure(s.rule, s.applied, outcomes).evidence.model_dump(exclude_none=True)
+                    if s.state == "applied" else None)
+        rules.append(RuleReport(id=rule_id, kind=s.rule.kind, params=dict(s.rule.params),
+                                pattern=s.pattern, state=s.state, stages=stages, measured=measured))
+    return RulesReport(reports, rules)
