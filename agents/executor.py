@@ -107,7 +107,7 @@ from agents.budget import (
 )
 from agents.consensus import CandidateView, ConsensusResult, decide
 from agents.examples import behaviour_script, extract_examples
-from agents.policy import Snapshot, make_policy
+from agents.policy import LEARNED, Snapshot, make_policy
 from agents.policy.base import Context
 from agents.providers.base import (
     Provider,
@@ -298,6 +298,34 @@ class ExecutorStage(Consumer):
         self._backoff = wait_exponential_jitter(multiplier=settings.retry_backoff_s,
                                                 max=settings.retry_backoff_max_s,
                                                 jitter=settings.retry_backoff_s)
+
+    async def admit(self, pending: int, ctx) -> int:
+        """Bounded staleness for learning policies: run at most ``max(feedback_window,
+        completed) - (decided - completed)`` of the ``pending`` tasks now, where ``decided``
+        counts the tasks this stage has decided and ``completed`` the tasks whose
+        ``TaskCompleted`` is projected (their rewards have reached the policy's state).
+        So at most max(window, completed) decisions are ever waiting for their feedback: the
+        first tasks of a cold burst teach the later ones, and the window grows with what the
+        policy has seen, until it no longer binds. Waits (polling every 50 ms) while nothing
+        is allowed, at most ``feedback_wait_s``, then runs the window anyway: feedback that
+        never comes (a stage down) slows the executor, never stops it. Regret under delayed
+        feedback grows with the delay (Joulani, György & Szepesvári, "Online Learning under
+        Delayed Feedback", ICML 2013); this bounds it. Fixed policies are never held back."""
+        window = self.settings.feedback_window
+        if not window or self.policy.name not in LEARNED:
+            return pending
+        deadline = time.monotonic() + self.settings.feedback_wait_s
+        while True:
+            try:
+                decided, completed = await ctx.redis.hmget(
+                    ctx.keys.counters, "events:TaskAnalyzed", "events:TaskCompleted")
+            except REDIS_DOWN:
+                return pending  # the batch itself will pause on the outage
+            done = int(completed or 0)
+            allowed = max(window, done) - (int(decided or 0) - done)
+            if allowed > 0 or time.monotonic() >= deadline:
+                return max(1, min(pending, allowed if allowed > 0 else window))
+            await asyncio.sleep(0.05)
 
     async def process(self, events: Sequence[Envelope], tx: Tx) -> None:
         k = tx.keys

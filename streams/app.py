@@ -94,7 +94,10 @@ def _add_agent(app: faust.App, consumer: Consumer, ctx: Context, settings: Setti
         async for events in stream.take_events(settings.batch_max, settings.batch_within_s):
             records = [Record(e.message.topic, e.message.partition, e.message.offset,
                               e.message.key, e.message.value) for e in events]
-            await _run_until_applied(runner, records)
+            while records:  # Faust acks the delivery once every part of it is applied
+                n = await consumer.admit(len(records), ctx)
+                await _run_until_applied(runner, records[:n])
+                records = records[n:]
 
     agent.__name__ = agent.__qualname__ = consumer.name.replace(".", "_")
     app.agent(topic, name=f"rmo.{consumer.name}")(agent)

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     propensity_floor: float = Field(default=0.02, ge=0, le=0.5)
     thompson_samples: int = Field(default=256, ge=1)
     thompson_prior_strength: float = Field(default=2.0, ge=0)
+    # learning policies decide at most max(feedback_window, tasks completed) tasks ahead of the
+    # completed ones, waiting up to feedback_wait_s for feedback (agents/executor.py admit):
+    # a burst is then learned from as it is decided, whatever RMO_BATCH_MAX is; 0 turns it off
+    feedback_window: int = Field(default=16, ge=0)
+    feedback_wait_s: float = Field(default=2.0, ge=0)
 
     # learning (Grokputer diagram 4: epsilon 0.970, replay of the latest 1000)
     epsilon_start: float = 0.97

@@ -163,6 +163,13 @@ class Consumer:
     async def handle(self, event: Envelope, tx: Tx) -> None:
         raise NotImplementedError
 
+    async def admit(self, pending: int, ctx: Context) -> int:
+        """How many of the ``pending`` delivered records (>= 1) to run as the next batch, the
+        rest waiting for the batches after it (default: all). Each batch is the whole protocol
+        (module docstring), so running a delivery as several batches keeps every guarantee:
+        a crash re-delivers the rest, and step 1 drops what was applied."""
+        return pending
+
 
 class BatchRunner:
     """Runs the commit protocol (module docstring) for one consumer."""

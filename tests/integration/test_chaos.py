@@ -3,7 +3,8 @@
 The flipping provider is an ``openai`` entry pointed at the local fake LLM server
 (tests/fakes/llm_server.py), whose standing mode the test changes on a schedule; the other
 provider is a healthy sim. Tasks arrive at a steady rate (not a burst), decisions are uniform
-(ε = 1, single-provider actions), so where traffic goes is the breaker's doing alone:
+(the ``random`` policy over single-provider actions), so where traffic goes is the breaker's
+doing alone:
 
 - every task completes exactly once (one ``TaskCompleted`` each, nothing lost to fallbacks);
 - each bad phase trips the breaker with the matching trigger (429s and lost connections as
@@ -44,8 +45,7 @@ PHASES = (
 """Each phase lasts PHASE_S; the last one lasts until every task is decided."""
 ENV = {
     "RMO_STRATEGIES": '["single"]',
-    "RMO_EPSILON_START": "1.0",
-    "RMO_EPSILON_MIN": "1.0",
+    "RMO_POLICY": "random",
     "RMO_BREAKER_OPEN_TIMEOUT_S": "0.5",
     "RMO_BREAKER_BACKOFF_FACTOR": "1.0",
     "RMO_BREAKER_SLOW_CALL_MS": "300",

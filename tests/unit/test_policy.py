@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 from hypothesis import given
@@ -169,3 +170,18 @@ async def test_cascade_escalates_only_when_the_cheap_answer_fails_the_visible_ex
 def test_executor_rejects_an_unknown_policy_at_build_time() -> None:
     with pytest.raises(ValueError, match="is not a policy"):
         ExecutorStage({"a": Scripted("a", "x")}, Settings(policy="best"))
+
+
+async def test_a_learning_policy_decides_at_most_a_window_ahead_of_its_feedback(h: Harness) -> None:  # noqa: F811
+    stage = h.stage(Scripted("a", "x"), policy="thompson", feedback_window=16, feedback_wait_s=0.3)
+    ctx = type("Ctx", (), {"redis": h.redis, "keys": h.keys})()
+    assert await stage.admit(1000, ctx) == 16  # cold start: the window
+    await h.redis.hset(h.keys.counters, mapping={"events:TaskAnalyzed": 100, "events:TaskCompleted": 90})
+    assert await stage.admit(1000, ctx) == 90 - 10  # max(16, 90) completed, 10 still in flight
+    assert await stage.admit(5, ctx) == 5
+    await h.redis.hset(h.keys.counters, mapping={"events:TaskAnalyzed": 40, "events:TaskCompleted": 10})
+    started = time.monotonic()
+    assert await stage.admit(1000, ctx) == 16  # nothing allowed: waits feedback_wait_s, then the window
+    assert time.monotonic() - started >= 0.3
+    fixed = h.stage(Scripted("a", "x"), policy="provider:a", feedback_window=16)
+    assert await fixed.admit(1000, ctx) == 1000
