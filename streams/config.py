@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     discount: float = 0.1
     # reward = performance - cost_usd * cost_weight (the seed's reward). 30 per USD, chosen by
     # `rmo study` (README "Routing"): at the seed-era 10 a HumanEval answer's cost (0.0006-0.005
-    # USD) was under 5 % of a pass and routing ignored it; at 60 it gave up passes for pennies
+    # USD) was a few percent of a pass and routing spent 60 % more for no more passes
     cost_weight: float = 30.0
     experience_size: int = 1000
     replay_minibatch: int = 4
