@@ -411,12 +411,19 @@ def run_demo(*, limit: int | None, providers: Path | None, seed: int, as_json: b
         print(f"started {h.name} at {h.address} (kept running; `rmo down` stops it)", file=sys.stderr)
     settings = settings.model_copy(update={"kafka_bootstrap_servers": found.bootstrap,
                                            "redis_url": found.redis_url})
+    return run_job(_run(settings, registry, limit, as_json, timeout_s), timeout_s)[1]
+
+
+def run_job(main: Coroutine[Any, Any, Any], timeout_s: float) -> tuple[bool, Any]:
+    """``asyncio.run(main)`` for a command that runs tasks through workers: ``(True, its
+    result)``, or ``(False, exit code)`` after printing a :class:`DemoError` (with its detail)
+    or a timeout of ``timeout_s`` as the one-line error."""
     try:
-        return asyncio.run(_run(settings, registry, limit, as_json, timeout_s))
+        return True, asyncio.run(main)
     except DemoError as exc:
         print(f"error: {exc}", *exc.detail, sep="\n", file=sys.stderr)
-        return exc.exit_code
+        return False, exc.exit_code
     except TimeoutError:
         print(f"error: not every task completed within {timeout_s} s; see the worker log in "
               f"{locate.state_dir()}", file=sys.stderr)
-        return 1
+        return False, 1

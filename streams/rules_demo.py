@@ -27,7 +27,6 @@ the defective provider for string tasks (its single action, ``all:majority``, ``
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -49,6 +48,7 @@ from streams.demo import (
     DemoError,
     WorkerWatch,
     humaneval_tasks,
+    run_job,
     spawn_worker,
     stop_worker,
     submit_tasks,
@@ -197,15 +197,9 @@ def run_rules_demo(*, seed: int, as_json: bool, timeout_s: float) -> int:
                                        "providers_file": providers,
                                        "kafka_bootstrap_servers": found.bootstrap,
                                        "redis_url": found.redis_url})
-    try:
-        result = asyncio.run(_run(settings, timeout_s))
-    except DemoError as exc:
-        print(f"error: {exc}", *exc.detail, sep="\n", file=sys.stderr)
-        return exc.exit_code
-    except TimeoutError:
-        print(f"error: not every task completed within {timeout_s} s; see the worker log in "
-              f"{locate.state_dir()}", file=sys.stderr)
-        return 1
+    ok, result = run_job(_run(settings, timeout_s), timeout_s)
+    if not ok:
+        return result
     report: RulesReport = result.pop("rules")
     lines = result.pop("before_line"), result.pop("after_line")
     if as_json:

@@ -22,8 +22,18 @@ def _uniform(choices: Sequence[str], actions: Sequence[str]) -> dict[str, float]
     return {a: (1.0 / len(choices) if a in choices else 0.0) for a in actions}
 
 
+class _Stateless:
+    """A policy that learns nothing: no state to load, nothing learned to show."""
+
+    async def load(self, redis, keys) -> None:
+        return None
+
+    def learned(self, data: None) -> dict[str, tuple[str, float]]:
+        return {}
+
+
 @dataclass(frozen=True)
-class FixedActionPolicy:
+class FixedActionPolicy(_Stateless):
     """Always ``action`` (``provider:ID`` is ``ID:single``; ``cascade`` the cascade action).
     When a breaker keeps it out, a uniformly random single-provider action (recorded as
     explored)."""
@@ -31,11 +41,6 @@ class FixedActionPolicy:
     action: str
     name: str
 
-    async def load(self, redis, keys) -> None:
-        return None
-
-    def learned(self, data: None) -> dict[str, tuple[str, float]]:
-        return {}
 
     def choose(self, ctx: Context, actions: Sequence[str], snap: Snapshot,
                rng: random.Random) -> Choice:
@@ -46,16 +51,11 @@ class FixedActionPolicy:
 
 
 @dataclass(frozen=True)
-class RandomPolicy:
+class RandomPolicy(_Stateless):
     """A uniformly random single-provider action per task."""
 
     name: str = "random"
 
-    async def load(self, redis, keys) -> None:
-        return None
-
-    def learned(self, data: None) -> dict[str, tuple[str, float]]:
-        return {}
 
     def choose(self, ctx: Context, actions: Sequence[str], snap: Snapshot,
                rng: random.Random) -> Choice:
@@ -64,16 +64,11 @@ class RandomPolicy:
 
 
 @dataclass(frozen=True)
-class RoundRobinPolicy:
+class RoundRobinPolicy(_Stateless):
     """The single-provider actions in turn, by the task's decision index."""
 
     name: str = "round-robin"
 
-    async def load(self, redis, keys) -> None:
-        return None
-
-    def learned(self, data: None) -> dict[str, tuple[str, float]]:
-        return {}
 
     def choose(self, ctx: Context, actions: Sequence[str], snap: Snapshot,
                rng: random.Random) -> Choice:
