@@ -476,10 +476,12 @@ class ExecutorStage(Consumer):
                     for i, p in enumerate(action.providers))))
         outcomes = await self._fall_back(plan, outcomes, request, e, adm, tx, budget)
         answered = [o for o in outcomes if o.response is not None]
-        if action is not None and action.strategy == "cascade" and answered:
-            pick = accepted if accepted is not None else answered[-1]
-            result = ConsensusResult(CandidateView(pick.provider, pick.response.text, True, None, None),
-                                     1.0, "cascade")
+        if action is not None and action.strategy == "cascade":
+            # the accepted answer, else the last (most expensive) one; none when nobody answered
+            pick = accepted if accepted is not None else (answered[-1] if answered else None)
+            result = ConsensusResult(
+                CandidateView(pick.provider, pick.response.text, True, None, None) if pick else None,
+                1.0 if pick else 0.0, "cascade")
         else:
             result = await self._consensus(action.strategy if action else "single", answered, task)
         executed = TaskExecuted(

@@ -35,10 +35,11 @@ def call_cost(calls) -> float:
 
 
 async def test_demo_under_a_global_budget_stops_calling_at_the_limit(settings, topics, tmp_path):
-    # the default sim profiles; 40 tasks cost ~$0.03, so $0.025 runs out midway (a grok call
-    # costs ~$0.001, its worst case ~$0.017; claude's worst case alone, ~$0.08, never fits,
-    # so its calls are refused and the tasks fall back); the issue's $0.05 needs all 164
-    limit = 0.025
+    # the default sim profiles: 40 tasks cost at least 40 x ~$0.0006 (gemini's answers, the
+    # cheapest) = ~$0.023 whatever the policy routes, so $0.015 runs out midway; gemini's worst
+    # case (~$0.0105) fits, grok's (~$0.017) and claude's (~$0.08) never do, so their calls are
+    # refused and the tasks fall back; the issue's $0.05 needs all 164
+    limit = 0.015
     budgets = budgets_file(tmp_path, f"budgets:\n  - {{scope: global, period: total, limit_usd: {limit}}}\n")
     env = cli_env(settings, RMO_SANDBOX="subprocess")
     out = rmo("demo", "--json", "--limit", "40", "--budgets", str(budgets), env=env, timeout=300)

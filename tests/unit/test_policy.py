@@ -185,3 +185,12 @@ async def test_a_learning_policy_decides_at_most_a_window_ahead_of_its_feedback(
     assert time.monotonic() - started >= 0.3
     fixed = h.stage(Scripted("a", "x"), policy="provider:a", feedback_window=16)
     assert await fixed.admit(1000, ctx) == 1000
+
+
+async def test_a_cascade_nobody_answers_leaves_the_task_without_an_answer(h: Harness) -> None:  # noqa: F811
+    from tests.unit.test_executor_fallback import server_error
+
+    a, b = Scripted("a", server_error()), Scripted("b", server_error())
+    stage = h.stage(a, b, policy="cascade", strategies=("single", "cascade"), max_fallbacks=0)
+    (ex,) = of(await h.run(stage, task(0)), "TaskExecuted")
+    assert (ex.action, ex.consensus_strategy, ex.chosen, ex.candidates) == ("cascade", "cascade", None, [])
