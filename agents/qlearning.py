@@ -61,11 +61,10 @@ def feature_state(task_type: str, complexity: str) -> str:
 def next_state(state: str, provider: str | None) -> str:
     """The state a router is in after choosing ``provider`` for a task of the same features:
     the seed's state remembers the provider; a features-only state is unchanged."""
-    parts = state.split("|")
+    parts = state.split("|", 2)
     if len(parts) < 3:
         return state
-    _, task_type, complexity = state.split("|", 2)
-    return make_state(provider, task_type, complexity)
+    return make_state(provider, parts[1], parts[2])
 
 
 def epsilon(updates: int, cfg: QConfig) -> float:

@@ -6,7 +6,9 @@ typed fields; ``to_dict()`` gives their JSON form, numbers as numbers and boolea
 
 Operations here so far: :func:`task_report` (``rmo status``), :func:`task_lineage`
 (``rmo lineage``), :func:`list_providers` and :func:`check_providers` (``rmo providers``),
-:func:`breaker_list` and :func:`breaker_command` (``rmo breaker``).
+:func:`breaker_list` and :func:`breaker_command` (``rmo breaker``), :func:`budget_report`
+(``rmo budget``), :func:`evaluate_policy` (``rmo evaluate-policy``), :func:`rules_report`
+(``rmo rules``). Submit, replay, dead letters and metrics still live in streams/cli.py.
 """
 
 from __future__ import annotations

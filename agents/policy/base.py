@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from agents.qlearning import Choice
@@ -40,7 +40,6 @@ class Snapshot:
 
     decided: int
     data: Any = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Policy(Protocol):

@@ -18,8 +18,16 @@ def _singles(actions: Sequence[str]) -> list[str]:
     return singles or list(actions)
 
 
-def _uniform(choices: Sequence[str], actions: Sequence[str]) -> dict[str, float]:
-    return {a: (1.0 / len(choices) if a in choices else 0.0) for a in actions}
+def _certain(pick: str, actions: Sequence[str]) -> Choice:
+    """``pick`` with probability 1."""
+    return Choice(pick, False, {a: float(a == pick) for a in actions}, {})
+
+
+def _random_single(actions: Sequence[str], rng: random.Random) -> Choice:
+    """A uniformly random single-provider action (explored), with its propensities."""
+    singles = _singles(actions)
+    probs = {a: (1.0 / len(singles) if a in singles else 0.0) for a in actions}
+    return Choice(singles[rng.randrange(len(singles))], True, probs, {})
 
 
 class _Stateless:
@@ -41,13 +49,9 @@ class FixedActionPolicy(_Stateless):
     action: str
     name: str
 
-
     def choose(self, ctx: Context, actions: Sequence[str], snap: Snapshot,
                rng: random.Random) -> Choice:
-        if self.action in actions:
-            return Choice(self.action, False, {a: float(a == self.action) for a in actions}, {})
-        others = _singles(actions)
-        return Choice(others[rng.randrange(len(others))], True, _uniform(others, actions), {})
+        return _certain(self.action, actions) if self.action in actions else _random_single(actions, rng)
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,9 @@ class RandomPolicy(_Stateless):
 
     name: str = "random"
 
-
     def choose(self, ctx: Context, actions: Sequence[str], snap: Snapshot,
                rng: random.Random) -> Choice:
-        singles = _singles(actions)
-        return Choice(singles[rng.randrange(len(singles))], True, _uniform(singles, actions), {})
+        return _random_single(actions, rng)
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,7 @@ class RoundRobinPolicy(_Stateless):
 
     name: str = "round-robin"
 
-
     def choose(self, ctx: Context, actions: Sequence[str], snap: Snapshot,
                rng: random.Random) -> Choice:
         singles = _singles(actions)
-        pick = singles[ctx.index % len(singles)]
-        return Choice(pick, False, {a: float(a == pick) for a in actions}, {})
+        return _certain(singles[ctx.index % len(singles)], actions)
