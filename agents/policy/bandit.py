@@ -39,7 +39,9 @@ from models.events import Envelope, RewardComputed
 
 SEP = "\t"
 Stats = dict[tuple[str, str], list[int]]
-"""(task_type, action) -> [tasks, passes, cost in micro-USD]."""
+"""(task_type, action) -> [tasks, passes, cost in micro-USD]; task type :data:`ALL` holds each
+action's totals over every type (summed once, when the statistics are read)."""
+ALL = "*"
 
 
 def task_type_of(state: str) -> str:
@@ -52,7 +54,9 @@ def parse_stats(h: dict[str, str]) -> Stats:
     out: Stats = {}
     for f, v in h.items():
         task_type, action, what = f.split(SEP)
-        out.setdefault((task_type, action), [0, 0, 0])[("n", "passes", "cost").index(what)] = int(v)
+        i, n = ("n", "passes", "cost").index(what), int(v)
+        out.setdefault((task_type, action), [0, 0, 0])[i] = n
+        out.setdefault((ALL, action), [0, 0, 0])[i] += n
     return out
 
 
@@ -81,8 +85,7 @@ class ThompsonPolicy:
         k = self.prior_strength
         alpha, beta, cost = [], [], []
         for a in actions:
-            rows = [v for (_, act), v in stats.items() if act == a]
-            gn, gp, gc = (sum(r[i] for r in rows) for i in range(3))
+            gn, gp, gc = stats.get((ALL, a), (0, 0, 0))
             pbar = (gp + 1) / (gn + 2)
             n, p, c = stats.get((task_type, a), (0, 0, 0))
             alpha.append(1 + k * pbar + p)
@@ -95,7 +98,7 @@ class ThompsonPolicy:
         """task_type -> (action of the highest posterior mean score, that score), over the
         actions tried on that type."""
         out = {}
-        for task_type in sorted({tt for tt, _ in data or {}}):
+        for task_type in sorted({tt for tt, _ in data or {}} - {ALL}):
             actions = sorted(a for tt, a in data if tt == task_type)
             alpha, beta, cost = self.posterior(task_type, actions, data)
             mean = alpha / (alpha + beta) - self.cost_weight * cost
