@@ -54,16 +54,17 @@ one process keeps many provider calls in flight; the batch ends when every task 
 6. **Release** the trial permits the batch took and did not spend.
 
 Learning. ``TaskExecuted.action`` stays the policy's action when a fallback answered, so the
-reward (the fallback answer's validation, minus the cost of every call) updates
-Q(state, action) of the action the policy chose, with its logged propensity: the value learned
+reward (the fallback answer's validation, minus the cost of every call) updates what the policy
+learns of the action it chose (its Q-value, its bandit statistics), with its logged propensity:
+the value learned
 is that of "ask these providers, falling back as above if none answers", which is what the
 policy controls. Crediting the fallback provider's own ``{provider}:single`` action instead
 would update an action that was not chosen, with no propensity for offline evaluation to weight
 it by. A provider that keeps failing is kept out by its breaker, the cost of its failed calls
 is in the reward, and ``FallbackSelected`` lets offline evaluation tell fallback answers apart.
-The reward's ``next_state`` names the provider that answered (the validator's ``provider``);
-the next decision's state in this process names the policy's provider (chosen before any
-call).
+With the seed's state (``RMO_POLICY_STATE=seed``) the reward's ``next_state`` names the
+provider that answered (the validator's ``provider``); the next decision's state in this process
+names the policy's provider (chosen before any call).
 
 Event ids are derived from (input event, producer, attempt, provider), so a re-run after a
 crash re-produces the same ids; the waits between attempts are not part of the log.
