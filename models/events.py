@@ -288,6 +288,30 @@ class BreakerTransitioned(Frozen):
     open_until: datetime | None = None
 
 
+class StageStalled(Frozen):
+    """A worker's watchdog (streams/stall.py) saw a stall; on the system topic, keyed by
+    ``worker``. Durations in ms.
+
+    ``kind`` ``event_loop``: the worker's event loop did not run for ``stalled_ms``, over
+    ``threshold_ms`` (``RMO_STALL_MS``); ``stack`` is where the loop's thread was while it was
+    blocked (empty when the watchdog thread could not look: the loop held the GIL the whole
+    time). ``consumer``: consumer ``stage`` had ``lag`` records to apply on ``topic`` /
+    ``partition`` and applied none for ``stalled_ms``, over ``threshold_ms``
+    (``RMO_STALL_S``); ``stack`` is where that consumer's task was waiting. ``tasks``: asyncio
+    tasks alive when the stacks were taken (the worker's log has every task's stack)."""
+
+    kind: Literal["event_loop", "consumer"]
+    worker: str
+    stalled_ms: float = Field(ge=0)
+    threshold_ms: float = Field(ge=0)
+    stage: str | None = None
+    topic: str | None = None
+    partition: int | None = Field(default=None, ge=0)
+    lag: int | None = Field(default=None, ge=0)
+    tasks: int = Field(default=0, ge=0)
+    stack: str = ""
+
+
 class BreakerCommand(Frozen):
     """An operator's ``rmo breaker open|close|reset PROVIDER``, on the calls topic keyed by
     provider so the breaker projection applies it in order with the provider's calls."""
@@ -634,6 +658,7 @@ PAYLOADS: dict[str, type[Frozen]] = {
         ProviderCallFailed,
         BreakerTransitioned,
         BreakerCommand,
+        StageStalled,
         TaskExecuted,
         TaskValidated,
         ErrorLogged,

@@ -13,6 +13,22 @@ if ! command -v bwrap >/dev/null 2>&1; then
   fi
 fi
 
+# Debian's prometheus: promtool (`promtool check metrics` of the worker's exposition) and the
+# server the integration tests start on ports of their own. Only the binaries are wanted: no
+# recommended node exporter, and the package's service, which apt starts on a systemd host,
+# is stopped and disabled again.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+  else
+    echo "warning: prometheus/promtool not found; install Debian's prometheus package: the Prometheus exposition tests are skipped without it" >&2
+  fi
+fi
+
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -12,13 +12,12 @@ anywhere on the command line shows the traceback instead.
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import getpass
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,25 +25,19 @@ from typing import Annotated
 
 import orjson
 import typer
-from pydantic import ValidationError
 from redis.asyncio import Redis
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 from agents.providers.registry import ProviderConfigError
 from agents.sandbox import SandboxUnavailable
-from models.codec import (
-    MAX_VALUE_BYTES,
-    decode,
-    describe_validation,
-    encode,
-    json_schemas,
-    make_event,
-)
-from models.events import Envelope, TaskSubmitted
-from streams import liveness, locate, service
-from streams.client import EventProducer, read_topic
+from models.codec import json_schemas
+from models.events import Envelope, MetricsSnapshot, TaskSubmitted
+from streams import locate, logs, service
 from streams.config import Settings
 from streams.embedded import EmbeddedServiceError
-from streams.keys import Keys
 from streams.topics import load_topics
 
 app = typer.Typer(help="Fractal-RMO: event-sourced multi-agent LLM orchestration over Kafka and Redis.",
@@ -367,37 +360,15 @@ def task_line_error(where: str, problem: str) -> typer.Exit:
                 "must_contain; see `rmo schema TaskSubmitted`)")
 
 
-def parse_tasks(lines: Iterator[str], source: str) -> list[Envelope]:
-    """JSONL task lines -> TaskSubmitted events, all checked before anything is produced.
-
-    Raises:
-        typer.Exit: a line is not JSON, not a valid task (the message names the line, the
-            field and what is allowed), or encodes to more than
-            :data:`models.codec.MAX_VALUE_BYTES` (the stages would dead-letter it).
-    """
-    events = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{source}:{n}"
-        try:
-            raw = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise task_line_error(where, f"not JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise task_line_error(where, f"a JSON {type(raw).__name__}, not an object")
-        try:
-            task = TaskSubmitted.model_validate(raw)
-        except ValidationError as exc:
-            raise task_line_error(where, describe_validation(exc, limit=5)) from None
-        event = make_event(task, producer="cli.submit")
-        size = len(encode(event))
-        if size > MAX_VALUE_BYTES:
-            raise fail(f"{where}: task {task.task_id!r} is {size:,} bytes as an event, over the "
-                       f"{MAX_VALUE_BYTES:,}-byte record limit (larger records are dead-lettered); "
-                       "shorten its prompt or test")
-        events.append(event)
-    return events
+def _parse_tasks(lines: Iterator[str], source: str) -> list[Envelope]:
+    """:func:`streams.service.parse_tasks`, its errors as one line each (exit 2): a bad line
+    with what a line must hold, an oversized one with the record limit."""
+    try:
+        return service.parse_tasks(lines, source)
+    except service.TaskTooLarge as exc:
+        raise fail(str(exc)) from None
+    except service.InvalidTask as exc:
+        raise task_line_error(exc.where, exc.problem) from None
 
 
 @app.command()
@@ -405,25 +376,18 @@ def submit(file: Annotated[str, typer.Argument(help="JSONL file of tasks, or - f
     """Produce one TaskSubmitted per JSONL line to the tasks topic; prints the task ids.
     Every line is checked first: one bad line submits nothing."""
     if file == "-":
-        events = parse_tasks(iter(sys.stdin), "stdin")
+        events = _parse_tasks(iter(sys.stdin), "stdin")
     else:
         path = Path(file)
         if not path.exists():
             raise fail(f"{file} does not exist; give a JSONL file or - for stdin")
-        events = parse_tasks(iter(path.read_text().splitlines()), file)
+        events = _parse_tasks(iter(path.read_text().splitlines()), file)
     if not events:
         raise fail(f"{file if file != '-' else 'stdin'} holds no task lines")
     with services() as s:
-        asyncio.run(_submit(s, events))
-        for e in events:
-            typer.echo(e.payload.task_id)
-
-
-async def _submit(s: Settings, events: list[Envelope]) -> list:
-    registry = _registry(s)
-    await _prepare(s)
-    async with EventProducer(s.require_kafka()) as producer:
-        return await producer.send_events(registry.name("tasks"), events)
+        submitted = asyncio.run(service.submit_tasks(s, events))
+        for t in submitted:
+            typer.echo(t.task_id)
 
 
 # --------------------------------------------------------------------------- consuming
@@ -456,23 +420,99 @@ def metrics(
 
 async def _metrics(s: Settings, follow: bool, as_json: bool) -> None:
     if follow:
-        redis = redis_client(s)
-        try:
-            workers = await liveness.live_workers(redis, Keys(s.namespace))
-        finally:
-            await redis.aclose()
+        workers = await service.live_workers(s)
         note = (f"{len(workers)} worker(s) running" if workers else
                 f"no worker is running in namespace {s.namespace} (start one: `rmo worker`)")
         typer.echo(f"following {_registry(s).name('metrics')}: a worker publishes a snapshot every "
                    f"{s.metrics_interval_s:g} s; {note}; Ctrl-C stops", err=True)
-    async for r in read_topic(s.require_kafka(), _registry(s).name("metrics"), follow=follow):
-        e = decode(r.value, max_bytes=None)
+    snapshots = service.metrics_snapshots(s, follow=follow)
+    if follow and not as_json and sys.stdout.isatty():
+        await _metrics_live(snapshots, Console())
+        return
+    async for e in snapshots:
         if as_json:
             typer.echo(orjson.dumps(e.model_dump(mode="json")).decode())
             continue
         p = e.payload
         typer.echo(f"[{p.window_end.isoformat(timespec='seconds')}] "
                    + " ".join(f"{k}={v}" for k, v in sorted(p.counters.items())))
+
+
+async def _metrics_live(snapshots: AsyncIterator[Envelope], console: Console) -> None:
+    """Redraw one table of the latest snapshot in place as snapshots arrive (a terminal)."""
+    previous = None
+    with Live(Text("waiting for the first snapshot…"), console=console, auto_refresh=False) as live:
+        async for e in snapshots:
+            live.update(metrics_view(e.payload, previous), refresh=True)
+            previous = e.payload
+
+
+def metrics_view(p: MetricsSnapshot, previous: MetricsSnapshot | None = None) -> Group:
+    """`rmo metrics --follow` on a terminal: a providers table (calls, failures, pass rate,
+    cost USD, p50/p95 latency ms, breaker, trips) and the other counters with their rate per
+    second since ``previous`` (over the windows between the two snapshots)."""
+    providers = sorted({k.split(":")[1] for k in (*p.counters, *p.gauges, *p.histograms)
+                        if k.startswith("provider:") and k.count(":") >= 2})
+    table = Table(title=f"providers at {p.window_end:%Y-%m-%d %H:%M:%S}Z", title_justify="left")
+    for col in ("provider", "calls", "failures", "pass rate", "cost USD", "p50 ms", "p95 ms",
+                "breaker", "trips"):
+        table.add_column(col, justify="left" if col in ("provider", "breaker") else "right")
+    for pid in providers:
+        latency = p.histograms.get(f"provider:{pid}:latency_ms", {})
+        is_open = p.gauges.get(f"provider:{pid}:breaker_open", 0.0) > 0
+        table.add_row(pid, f"{p.counters.get(f'provider:{pid}:calls', 0):,}",
+                      f"{p.counters.get(f'provider:{pid}:failures', 0):,}",
+                      f"{100 * p.gauges.get(f'provider:{pid}:pass_rate', 0.0):.1f} %",
+                      f"{p.gauges.get(f'provider:{pid}:cost_usd', 0.0):.6f}",
+                      f"{latency.get('p50', 0.0):.1f}", f"{latency.get('p95', 0.0):.1f}",
+                      Text("open", style="bold red") if is_open else Text("closed", style="green"),
+                      str(p.counters.get(f"provider:{pid}:trips", 0)))
+    seconds = (p.window_end - previous.window_end).total_seconds() if previous else 0.0
+    counters = Table(title="counters", title_justify="left")
+    for col in ("name", "value", "per s"):
+        counters.add_column(col, justify="left" if col == "name" else "right")
+    for name, value in sorted(p.counters.items()):
+        if name.startswith("provider:"):
+            continue
+        rate = ((value - previous.counters.get(name, 0)) / seconds
+                if previous is not None and seconds > 0 else None)
+        counters.add_row(name, f"{value:,}", "-" if rate is None else f"{rate:,.1f}")
+    for name, value in sorted(p.gauges.items()):
+        if not name.startswith("provider:"):
+            counters.add_row(name, f"{value:,.4g}", "")
+    return Group(table, counters)
+
+
+@app.command("report")
+def report_cmd(
+    since: Annotated[str | None, typer.Option("--since", help="Only events from this time on: "
+                                              "RFC 3339 (2026-01-01T12:00:00Z) or an age (90s, 30m, 2h, 7d).")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Directory to write rmo-report-{namespace}.html into "
+                                      "(created if missing).")] = Path("."),
+    budgets: BudgetsOption = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Write a self-contained HTML report of the log (no network needed to view it): summary
+    (tasks, pass rate, cost, tokens vs budgets), providers' pass rate, cost and latency over
+    time, ε and Q-values, breaker timeline, budget use, stage latencies, dead letters, stalls."""
+    from streams.report import build_report, parse_since
+
+    try:
+        start = parse_since(since) if since is not None else None
+    except ValueError as exc:
+        raise fail(f"--since: {exc}") from None
+    with services() as s:
+        try:
+            result = asyncio.run(build_report(s, _registry(s), out, since=start,
+                                              budgets_file=_budgets_file(budgets)))
+        except (LookupError, OSError) as exc:
+            raise fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+    else:
+        empty = f", without data: {', '.join(result.empty)}" if result.empty else ""
+        typer.echo(f"wrote {result.path} ({result.events:,} events, {result.tasks:,} tasks "
+                   f"completed, {len(result.plots)} plots{empty})")
 
 
 # --------------------------------------------------------------------------- history
@@ -483,7 +523,7 @@ def replay_cmd(
     from_beginning: Annotated[bool, typer.Option("--from-beginning", help="Read every topic from offset 0 (the default).")] = False,
     from_offset: Annotated[int | None, typer.Option("--from-offset", help="Start every partition at this offset.")] = None,
     from_time: Annotated[datetime | None, typer.Option("--from-time", help="Skip events that occurred before this time (RFC 3339).")] = None,
-    namespace: Annotated[str | None, typer.Option("--namespace", help="Empty namespace to rebuild into (default: {namespace}-replay-{time}).")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="Empty namespace to rebuild into (default: {namespace}-replay-{time}-{random}).")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Compare with the live namespace key by key; exit 1 on any difference.")] = False,
     task: Annotated[str | None, typer.Option("--task", help="With --reexecute: the task to re-run.")] = None,
     reexecute: Annotated[bool, typer.Option("--reexecute", help="Re-run --task through the stages with the replay provider.")] = False,
@@ -495,38 +535,26 @@ def replay_cmd(
         raise fail("choose one of --from-beginning, --from-offset, --from-time")
     if reexecute != (task is not None):
         raise fail("--reexecute and --task go together: rmo replay --task TASK_ID --reexecute")
-    if from_time is not None and from_time.tzinfo is None:
-        from_time = from_time.replace(tzinfo=UTC)
     with services() as s:
-        code = asyncio.run(_reexecute(s, task, as_json) if task else
-                           _replay(s, from_offset, from_time, namespace, verify, as_json))
+        code = (_reexecute(s, task, as_json) if task else
+                _replay(s, from_offset, from_time, namespace, verify, as_json))
     raise typer.Exit(code)
 
 
-async def _replay(s: Settings, from_offset: int | None, from_time: datetime | None,
-                  namespace: str | None, verify: bool, as_json: bool) -> int:
-    from agents.providers.registry import load_providers
-    from streams import replay
-    from streams.pipeline import build_consumers
+def _replay(s: Settings, from_offset: int | None, from_time: datetime | None,
+            namespace: str | None, verify: bool, as_json: bool) -> int:
+    from streams.replay import ReplayTargetError
 
-    target = namespace or f"{s.namespace}-replay-{datetime.now(UTC):%Y%m%d%H%M%S}"
-    consumers = build_consumers(s, load_providers(s.providers_file, seed=s.seed))
-    redis = redis_client(s)
     try:
-        try:
-            report = await replay.replay(s, _registry(s), consumers, redis, target,
-                                         from_offset=from_offset, from_time=from_time)
-        except replay.ReplayTargetError as exc:
-            raise fail(str(exc)) from None
-        if verify:
-            report.differences = await replay.verify(redis, Keys(s.namespace), Keys(target))
-    finally:
-        await redis.aclose()
+        report = asyncio.run(service.replay(s, from_offset=from_offset, from_time=from_time,
+                                            target=namespace, verify=verify))
+    except ReplayTargetError as exc:
+        raise fail(str(exc)) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     else:
-        typer.echo(f"rebuilt {report.events} events into namespace {target} in {report.seconds:.2f} s "
-                   f"({report.events_per_s:,.0f} events/s)")
+        typer.echo(f"rebuilt {report.events} events into namespace {report.target_namespace} in "
+                   f"{report.seconds:.2f} s ({report.events_per_s:,.0f} events/s)")
         if report.differences is not None:
             typer.echo(f"verify: {len(report.differences)} difference(s) with {s.namespace}")
             for d in report.differences:
@@ -534,16 +562,15 @@ async def _replay(s: Settings, from_offset: int | None, from_time: datetime | No
     return 1 if report.differences else 0
 
 
-async def _reexecute(s: Settings, task_id: str, as_json: bool) -> int:
-    from streams.reexecute import NothingToReexecute, reexecute
+def _reexecute(s: Settings, task_id: str, as_json: bool) -> int:
+    from streams.reexecute import NothingToReexecute
 
-    redis = redis_client(s)
     try:
-        result = await reexecute(s, _registry(s), redis, task_id)
+        result = asyncio.run(service.reexecute(s, task_id))
     except NothingToReexecute as exc:
         raise fail(f"{exc}; check the id with `rmo lineage {task_id}`") from None
-    finally:
-        await redis.aclose()
+    except service.ReexecutionFailed as exc:
+        raise fail(str(exc), code=1) from None
     if as_json:
         typer.echo(json.dumps(result.to_dict()))
     else:
@@ -583,37 +610,90 @@ def deadletter_cmd(
 ) -> None:
     """List dead-lettered records (reason, stage, source topic/partition/offset), or retry one."""
     with services() as s:
-        code = asyncio.run(_deadletter(s, retry, as_json))
-    raise typer.Exit(code)
+        if retry is not None:
+            try:
+                r = asyncio.run(service.retry_dead_letter(s, retry))
+            except service.DeadLetterNotFound as exc:
+                raise fail(f"{exc}; list them with `rmo deadletter`") from None
+            typer.echo(f"re-submitted {retry} to {r.topic}[{r.partition}]@{r.offset}")
+            return
+        letters = asyncio.run(service.dead_letters(s))
+    if not letters:
+        typer.echo(f"no dead letters in {_registry(s).name('deadletter')}", err=True)
+    for e in letters:
+        p = e.payload
+        if as_json:
+            typer.echo(orjson.dumps({"id": e.event_id, "occurred_at": e.occurred_at.isoformat(),
+                                     **p.model_dump()}).decode())
+        else:
+            typer.echo(f"{e.event_id}  {e.occurred_at.isoformat(timespec='seconds')}  {p.stage:10} "
+                       f"{p.source_topic}[{p.source_partition}]@{p.source_offset}  {p.reason}")
 
 
-async def _deadletter(s: Settings, retry: str | None, as_json: bool) -> int:
-    letters = []
-    async for r in read_topic(s.require_kafka(), _registry(s).name("deadletter")):
-        letters.append(decode(r.value, max_bytes=None))
-    if retry is None:
-        if not letters:
-            typer.echo(f"no dead letters in {_registry(s).name('deadletter')}", err=True)
-        for e in letters:
-            p = e.payload
-            if as_json:
-                typer.echo(orjson.dumps({"id": e.event_id, "occurred_at": e.occurred_at.isoformat(),
-                                         **p.model_dump()}).decode())
-            else:
-                typer.echo(f"{e.event_id}  {e.occurred_at.isoformat(timespec='seconds')}  {p.stage:10} "
-                           f"{p.source_topic}[{p.source_partition}]@{p.source_offset}  {p.reason}")
-        return 0
-    match = [e for e in letters if e.event_id == retry]
-    if not match:
-        raise fail(f"no dead letter {retry!r}; list them with `rmo deadletter`")
-    p = match[-1].payload
-    async with EventProducer(s.require_kafka()) as producer:
-        fut = await producer.send(p.source_topic,
-                                  base64.b64decode(p.original_key_b64) if p.original_key_b64 else None,
-                                  base64.b64decode(p.original_value_b64))
-        md = await fut
-    typer.echo(f"re-submitted {retry} to {md.topic}[{md.partition}]@{md.offset}")
-    return 0
+# --------------------------------------------------------------------------- front-ends
+
+
+HostOption = Annotated[str, typer.Option(
+    help="Interface to bind; one that is not loopback needs RMO_API_TOKEN.")]
+
+
+def _front_end_settings(providers: Path | None, budgets: Path | None) -> Settings:
+    update = {k: v for k, v in (("providers_file", _providers_file(providers)),
+                                ("budgets_file", _budgets_file(budgets))) if v is not None}
+    return Settings().model_copy(update=update)
+
+
+@app.command()
+def serve(
+    host: HostOption = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.", min=1, max=65535)] = 8000,
+    providers: ProvidersOption = None,
+    budgets: BudgetsOption = None,
+) -> None:
+    """Serve the HTTP API (FastAPI): POST /tasks, GET /tasks/{id}, /tasks/{id}/lineage,
+    /tasks/{id}/events (server-sent events), POST /tasks/{id}/reexecute, POST /replay,
+    GET /providers, /breakers, /budgets, /metrics/summary, /health; OpenAPI at
+    /openapi.json. With RMO_API_TOKEN set, writes need `Authorization: Bearer <token>`."""
+    from streams import api
+
+    token = api.token_from_env()
+    try:
+        api.check_bind(host, token)
+    except api.InsecureBind as exc:
+        raise fail(str(exc)) from None
+    with services(_front_end_settings(providers, budgets)) as s:
+        writes = "need the bearer token" if token else "are open (no RMO_API_TOKEN)"
+        typer.echo(f"serving the API of namespace {s.namespace} on http://{host}:{port} "
+                   f"(OpenAPI: /openapi.json; writes {writes}); Ctrl-C stops", err=True)
+        api.serve(s, host, port, token)
+
+
+@app.command("mcp")
+def mcp_cmd(
+    http: Annotated[bool, typer.Option("--http", help="Serve streamable HTTP at /mcp instead of stdio.")] = False,
+    host: HostOption = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (with --http).", min=1, max=65535)] = 8001,
+    providers: ProvidersOption = None,
+    budgets: BudgetsOption = None,
+) -> None:
+    """Serve the MCP tools submit_task, task_status, task_lineage, replay_verify,
+    metrics_summary and list_providers, over stdio (for an MCP host that launches `rmo mcp`)
+    or streamable HTTP (--http; with RMO_API_TOKEN set every request needs the bearer token)."""
+    from streams import api, mcp_server
+
+    token = api.token_from_env()
+    if http:
+        try:
+            api.check_bind(host, token)
+        except api.InsecureBind as exc:
+            raise fail(str(exc)) from None
+    with services(_front_end_settings(providers, budgets)) as s:
+        if http:
+            typer.echo(f"serving MCP of namespace {s.namespace} on http://{host}:{port}/mcp; "
+                       "Ctrl-C stops", err=True)
+            mcp_server.serve_http(s, host, port, token)
+        else:
+            mcp_server.serve_stdio(s)
 
 
 @app.command("evaluate-policy")
@@ -850,7 +930,8 @@ def tune_gc() -> None:
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (locate.ServiceUnreachable, ProviderConfigError,
-                                            EmbeddedServiceError, SandboxUnavailable)
+                                            EmbeddedServiceError, SandboxUnavailable,
+                                            logs.LogConfigError)
 """Mistakes the user can fix from the message alone: exit 2, like a bad option."""
 
 
@@ -878,8 +959,12 @@ def main() -> None:
     tune_gc()
     debug = _take_flag("--debug")
     verbose = _take_flag("-v")
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        # JSON lines, or console lines on a terminal (RMO_LOG_FORMAT): streams/logs.py
+        logs.configure(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+    except logs.LogConfigError as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        sys.exit(2)
     try:
         app()
     except KeyboardInterrupt:

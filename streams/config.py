@@ -117,6 +117,14 @@ class Settings(BaseSettings):
     replay_minibatch: int = 4
 
     metrics_interval_s: float = 5.0
+    # Prometheus exposition (streams/prometheus.py): the first port a worker tries (it binds
+    # the first free one of streams.prometheus.PORT_SPAN, so workers on one host do not
+    # collide), 0 for any free port, -1 for none. Prometheus' list of default exporter ports
+    # has filled 9100-9999, so 9700 is no registered port, only a fixed one: fixed ports keep
+    # scrape targets (and their `instance` label) stable across restarts. The address is all
+    # interfaces, as a Prometheus in another container must reach the worker.
+    metrics_port: int = Field(default=9700, ge=-1, le=65535)
+    metrics_addr: str = "0.0.0.0"
 
     def require_kafka(self) -> str:
         """The bootstrap servers, or a ValueError naming the fix when none are resolved."""

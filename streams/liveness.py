@@ -36,7 +36,8 @@ class Heartbeat:
     configuration (:func:`agents.providers.registry.fingerprint`), so two workers with the
     same ids but other settings differ. ``providers_source``: the providers file, or
     ``defaults``. ``state``: ``joining`` until its consumer group's first rebalance completed,
-    then ``running``. Times are RFC 3339 UTC.
+    then ``running``. ``metrics_port``: the port of its Prometheus exposition
+    (streams/prometheus.py), None when it serves none. Times are RFC 3339 UTC.
     """
 
     host: str
@@ -47,6 +48,7 @@ class Heartbeat:
     providers_source: str
     state: WorkerState = "joining"
     seen_at: str = ""
+    metrics_port: int | None = None
 
     @property
     def worker_id(self) -> str:

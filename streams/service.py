@@ -4,42 +4,66 @@ The CLI (and later the HTTP API and the MCP server) only parse input, call these
 render what they return, so the front-ends cannot disagree. Results are dataclasses with
 typed fields; ``to_dict()`` gives their JSON form, numbers as numbers and booleans as booleans.
 
-Operations here so far: :func:`task_report` (``rmo status``), :func:`task_lineage`
-(``rmo lineage``), :func:`list_providers` and :func:`check_providers` (``rmo providers``),
+Operations: :func:`submit_tasks` (with :func:`parse_tasks` / :func:`task_event`; ``rmo
+submit``), :func:`task_report` (``rmo status``), :func:`task_events` (a task's events as they
+happen), :func:`task_lineage` (``rmo lineage``), :func:`replay` and :func:`reexecute`
+(``rmo replay``), :func:`dead_letters` and :func:`retry_dead_letter` (``rmo deadletter``),
+:func:`metrics_snapshots` (``rmo metrics``), :func:`metrics_summary`, :func:`health`,
+:func:`live_workers`, :func:`list_providers` and :func:`check_providers` (``rmo providers``),
 :func:`breaker_list` and :func:`breaker_command` (``rmo breaker``), :func:`budget_report`
 (``rmo budget``), :func:`evaluate_policy` (``rmo evaluate-policy``), :func:`rules_report`
-(``rmo rules``). Submit, replay, dead letters and metrics still live in streams/cli.py.
+(``rmo rules``). Front-ends: streams/cli.py, streams/api.py (HTTP), streams/mcp_server.py (MCP).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import secrets
 import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
+from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from agents import ope, target_policies
 from agents.breaker import BreakerConfig, BreakerState, Command, admission
 from agents.budget import BudgetUsage, load_budgets, usage
 from agents.executor import breaker_config
+from agents.policy import make_policy
 from agents.providers.base import Provider, ProviderError, ProviderRequest, ProviderTimeout
 from agents.providers.registry import load_providers
 from agents.providers.sim import STUB_BODY
-from models.codec import make_event
-from models.events import BreakerCommand, Envelope
-from streams import policy_eval
-from streams.client import EventProducer
+from models.codec import (
+    MAX_VALUE_BYTES,
+    CodecError,
+    decode,
+    describe_validation,
+    encode,
+    make_event,
+)
+from models.events import BreakerCommand, Envelope, TaskSubmitted
+from streams import liveness, policy_eval
+from streams.client import EventProducer, read_topic
 from streams.config import Settings
+from streams.embedded import kafka_reachable
 from streams.keys import Keys
-from streams.lineage import Node, lineage
+from streams.lineage import ROLES, Node, lineage
+from streams.liveness import Heartbeat
+from streams.locate import redact
+from streams.metrics import ProviderSummary, learned_policy, provider_summaries
 from streams.policy_eval import NoDecisions, PolicyEstimate
-from streams.projections import task_status
+from streams.projections import MICRO, task_status
 from streams.topics import load_topics
+
+if TYPE_CHECKING:
+    from streams.reexecute import Reexecution
 
 SIM_STUB_NOTE = (
     "the answer is a stub (`raise NotImplementedError`): sim providers only answer the tasks "
@@ -248,6 +272,170 @@ async def task_lineage(settings: Settings, task_id: str) -> list[Node]:
     if not roots:
         raise TaskNotFound(f"no events with correlation id {task_id!r}")
     return roots
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """One event of a task and where it is in the log."""
+
+    topic: str
+    partition: int
+    offset: int
+    event: Envelope
+
+    def to_dict(self) -> dict[str, Any]:
+        """``topic``, ``partition``, ``offset`` and ``event``: the envelope as wire JSON."""
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset,
+                "event": self.event.model_dump(mode="json")}
+
+
+class _CausalOrder:
+    """Releases a task's events so that none comes before its cause: an event whose cause
+    (``causation_id``) has not been released yet waits for it. Events arrive from one reader
+    per topic, so a TaskAnalyzed can be read before the TaskSubmitted that caused it."""
+
+    def __init__(self) -> None:
+        self.released: set[str] = set()
+        self.waiting: dict[str, list[TaskEvent]] = {}
+        self.held: set[str] = set()
+
+    def add(self, te: TaskEvent) -> list[TaskEvent]:
+        """``te`` and the events it unblocks, in order (empty: a duplicate, or ``te`` waits)."""
+        eid, cause = te.event.event_id, te.event.causation_id
+        if eid in self.released or eid in self.held:
+            return []  # re-produced after a crash: the same id again
+        if cause is not None and cause not in self.released:
+            self.held.add(eid)
+            self.waiting.setdefault(cause, []).append(te)
+            return []
+        out, queue = [], [te]
+        while queue:
+            x = queue.pop(0)
+            self.held.discard(x.event.event_id)
+            self.released.add(x.event.event_id)
+            out.append(x)
+            queue += self.waiting.pop(x.event.event_id, [])
+        return out
+
+    def rest(self) -> list[TaskEvent]:
+        """Every event still waiting (its cause is on no topic read, or is another task's),
+        in event-time order."""
+        left = sorted((te for batch in self.waiting.values() for te in batch),
+                      key=lambda te: te.event.occurred_at)
+        self.waiting.clear()
+        self.held.clear()
+        out = []
+        for te in left:
+            if te.event.event_id not in self.released:
+                self.released.add(te.event.event_id)
+                out.append(te)
+        return out
+
+
+async def task_events(settings: Settings, task_id: str) -> AsyncGenerator[TaskEvent, None]:
+    """The events of ``task_id`` (its correlation id) on every topic: first those already in
+    the log, then new ones as they are produced, each after the event that caused it, until
+    the task's ``TaskCompleted`` and every event logged before it were yielded. A task that
+    never completes (or is never submitted) keeps the iterator waiting: the caller stops it.
+    An event id re-produced after a crash is yielded once. Costs one consumer per topic while
+    following, and a read of the whole log at the start and at the end.
+
+    Raises:
+        ValueError: no Kafka broker is resolved in ``settings``.
+        LookupError: a topic does not exist (``rmo topics create``).
+    """
+    bootstrap = settings.require_kafka()
+    registry = load_topics(settings.namespace, settings.topics_file)
+    topics = [registry.name(role) for role in ROLES]
+    # next offset per topic-partition, over every record read, so each read resumes there
+    positions: dict[str, dict[int, int]] = {t: {} for t in topics}
+    order = _CausalOrder()
+
+    def match(topic: str, partition: int, offset: int, value: bytes | None) -> TaskEvent | None:
+        positions[topic][partition] = offset + 1
+        try:
+            e = decode(value, max_bytes=None)
+        except CodecError:
+            return None
+        return TaskEvent(topic, partition, offset, e) if e.correlation_id == task_id else None
+
+    async def read_to_end(topic: str) -> list[TaskEvent]:
+        found = []
+        async for r in read_topic(bootstrap, topic, start=positions[topic] or None):
+            if (te := match(r.topic, r.partition, r.offset, r.value)) is not None:
+                found.append(te)
+        return found
+
+    async def catch_up() -> list[TaskEvent]:
+        batches = await asyncio.gather(*(read_to_end(t) for t in topics))
+        found = sorted((te for batch in batches for te in batch), key=lambda te: te.event.occurred_at)
+        return [x for te in found for x in order.add(te)]
+
+    def completes(te: TaskEvent) -> bool:
+        return te.event.event_type == "TaskCompleted"
+
+    finished = False
+    for te in await catch_up():
+        finished = finished or completes(te)
+        yield te
+    if not finished:
+        queue: asyncio.Queue[TaskEvent | Exception] = asyncio.Queue()
+
+        async def follow(topic: str) -> None:
+            try:
+                async for r in read_topic(bootstrap, topic, start=positions[topic] or None,
+                                          follow=True):
+                    if (te := match(r.topic, r.partition, r.offset, r.value)) is not None:
+                        queue.put_nowait(te)
+            except Exception as exc:  # noqa: BLE001 - handed to the iterating task
+                queue.put_nowait(exc)
+
+        pumps = [asyncio.create_task(follow(t)) for t in topics]
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                for te in order.add(item):
+                    finished = finished or completes(te)
+                    yield te
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            # shielded: a caller cancelled again meanwhile must not interrupt the pumps
+            # stopping their consumers (their connections would stay open)
+            await asyncio.shield(asyncio.gather(*pumps, return_exceptions=True))
+        for item in [queue.get_nowait() for _ in range(queue.qsize())]:
+            for te in order.add(item) if isinstance(item, TaskEvent) else ():
+                yield te
+    # every event of the task was logged before its TaskCompleted, but a topic read above may
+    # have finished before such an event arrived: read each topic from where it stopped
+    for te in await catch_up():
+        yield te
+    for te in order.rest():
+        yield te
+
+
+class LineageNode(BaseModel):
+    """The JSON form of one :class:`streams.lineage.Node`: an event of a task's causation
+    tree and where it is in the log; ``payload`` (the event's payload as wire JSON) only when
+    asked for; ``children``: the events it caused, in log order."""
+
+    event_id: str
+    event_type: str
+    producer: str
+    occurred_at: datetime
+    causation_id: str | None
+    topic: str
+    partition: int
+    offset: int
+    payload: dict[str, Any] | None = None
+    children: list[LineageNode] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, node: Node, payload: bool = False) -> LineageNode:
+        """``node`` and its subtree, with or without payloads."""
+        return cls.model_validate(node.to_dict(payload))
 
 
 def _call(name: str, value: str) -> ProviderCallReport:
@@ -507,6 +695,444 @@ async def budget_report(settings: Settings) -> list[BudgetUsage]:
         return await usage(redis, Keys(settings.namespace), lines, datetime.now(UTC))
     finally:
         await redis.aclose()
+
+
+# --------------------------------------------------------------------------- submit
+
+
+class InvalidTask(ValueError):
+    """A task is not a valid ``TaskSubmitted``. ``where`` names it (``stdin:2``, ``tasks.jsonl:7``,
+    ``body[0]``), ``problem`` says what is wrong, naming the field(s) as spelled on the wire;
+    the message is ``"{where}: {problem}"``, one line."""
+
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.where = where
+        self.problem = problem
+
+
+class TaskTooLarge(InvalidTask):
+    """A task whose event would exceed :data:`models.codec.MAX_VALUE_BYTES` (1,000,000 bytes,
+    Kafka's default ``max.message.bytes``): the stages would dead-letter it unread."""
+
+
+def task_event(task: TaskSubmitted, where: str, producer: str) -> Envelope:
+    """The ``TaskSubmitted`` event of ``task`` (a new random event id, produced by ``producer``).
+
+    Raises:
+        TaskTooLarge: the event encodes to more than :data:`models.codec.MAX_VALUE_BYTES`.
+        InvalidTask: the task holds a value JSON on the wire cannot carry (an integer beyond
+            64 bits, which Python's own JSON parser accepts; orjson, the codec, does not).
+    """
+    event = make_event(task, producer=producer)
+    try:
+        size = len(encode(event))
+    except orjson.JSONEncodeError as exc:
+        raise InvalidTask(where, f"not encodable as an event: {exc}") from None
+    if size > MAX_VALUE_BYTES:
+        raise TaskTooLarge(where, f"task {task.task_id!r} is {size:,} bytes as an event, over the "
+                                  f"{MAX_VALUE_BYTES:,}-byte record limit (larger records are "
+                                  "dead-lettered); shorten its prompt or test")
+    return event
+
+
+def parse_tasks(lines: Iterable[str], source: str, producer: str = "cli.submit") -> list[Envelope]:
+    """JSONL task lines (one JSON object each; blank lines skipped) -> TaskSubmitted events,
+    every line checked before any event is returned. ``source`` names the input in errors
+    (``{source}:{line number}``).
+
+    Raises:
+        InvalidTask: a line is not JSON, not an object or not a valid task (the problem names
+            the field and what is allowed, at most 5 problems).
+        TaskTooLarge: a line's event would exceed the record limit.
+    """
+    events = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{source}:{n}"
+        try:
+            raw = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidTask(where, f"not JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise InvalidTask(where, f"a JSON {type(raw).__name__}, not an object")
+        try:
+            task = TaskSubmitted.model_validate(raw)
+        except ValidationError as exc:
+            raise InvalidTask(where, describe_validation(exc, limit=5)) from None
+        events.append(task_event(task, where, producer))
+    return events
+
+
+async def create_topics(settings: Settings) -> list[str]:
+    """Create the namespace's topics of topics.yaml that do not exist yet (idempotent) and
+    return their names; a new tasks topic clears the namespace's Redis state left from another
+    log, with a warning (streams.pipeline.prepare_log).
+
+    Raises:
+        ValueError: no Kafka broker or Redis is resolved in ``settings``.
+        aiokafka.errors.KafkaError, redis.exceptions.ConnectionError: a service is unreachable.
+    """
+    from streams.pipeline import prepare_log  # the stages: see replay()
+
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True)
+    try:
+        return await prepare_log(settings, load_topics(settings.namespace, settings.topics_file),
+                                 redis)
+    finally:
+        await redis.aclose()
+
+
+@dataclass(frozen=True)
+class SubmittedTask:
+    """One produced ``TaskSubmitted``: the task id, its event id, and where the broker
+    acknowledged it (topic, partition, offset)."""
+
+    task_id: str
+    event_id: str
+    topic: str
+    partition: int
+    offset: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def submit_tasks(settings: Settings, events: Sequence[Envelope]) -> list[SubmittedTask]:
+    """Create the namespace's topics if missing (:func:`create_topics`), then produce
+    ``events`` (TaskSubmitted, from :func:`parse_tasks` or :func:`task_event`) to the tasks
+    topic, keyed by task id, and wait for every acknowledgement. Returns them in input order.
+
+    Raises:
+        ValueError: no Kafka broker or Redis is resolved in ``settings``.
+        aiokafka.errors.KafkaError, redis.exceptions.ConnectionError: a service is unreachable.
+    """
+    registry = load_topics(settings.namespace, settings.topics_file)
+    await create_topics(settings)
+    async with EventProducer(settings.require_kafka()) as producer:
+        acks = await producer.send_events(registry.name("tasks"), events)
+    return [SubmittedTask(task_id=e.payload.task_id, event_id=e.event_id, topic=md.topic,
+                          partition=md.partition, offset=md.offset) for e, md in zip(events, acks)]
+
+
+# --------------------------------------------------------------------------- replay
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """What a replay rebuilt (``rmo replay``): events applied in all and per consumer, in how
+    many seconds (3 decimals) and events/s (1 decimal); with verify, ``verified`` and one
+    line per differing key (``differences``), both None without verify."""
+
+    source_namespace: str
+    target_namespace: str
+    events: int
+    seconds: float
+    events_per_s: float
+    per_consumer: dict[str, int]
+    verified: bool | None
+    differences: list[str] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def replay_target(settings: Settings) -> str:
+    """A fresh namespace name for a replay of ``settings.namespace``:
+    ``{namespace}-replay-{UTC time, to the second}-{4 random hex}`` (the random part keeps two
+    replays started in the same second apart)."""
+    return f"{settings.namespace}-replay-{datetime.now(UTC):%Y%m%d%H%M%S}-{secrets.token_hex(2)}"
+
+
+async def replay(settings: Settings, *, from_offset: int | None = None,
+                 from_time: datetime | None = None, target: str | None = None,
+                 verify: bool = False) -> ReplayResult:
+    """Rebuild every projection of ``settings.namespace`` from the log into the empty
+    namespace ``target`` (default :func:`replay_target`), which is kept for inspection; with
+    ``verify`` compare it key by key with the live namespace (streams/replay.py).
+
+    ``from_offset`` starts every partition there; ``from_time`` skips events that occurred
+    before it (a time without a zone is UTC).
+
+    Raises:
+        streams.replay.ReplayTargetError: ``target`` already holds keys.
+        agents.providers.registry.ProviderConfigError: the providers file is invalid.
+        ValueError: no Kafka broker or Redis is resolved in ``settings``.
+    """
+    # the stages' modules take about a second to import: only commands that replay pay it
+    from agents.providers.registry import load_providers
+    from streams import replay as replaying
+    from streams.pipeline import build_consumers
+
+    if from_time is not None and from_time.tzinfo is None:
+        from_time = from_time.replace(tzinfo=UTC)
+    target = target or replay_target(settings)
+    consumers = build_consumers(settings, load_providers(settings.providers_file, seed=settings.seed))
+    registry = load_topics(settings.namespace, settings.topics_file)
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True)
+    try:
+        report = await replaying.replay(settings, registry, consumers, redis, target,
+                                        from_offset=from_offset, from_time=from_time)
+        if verify:
+            report.differences = await replaying.verify(redis, Keys(settings.namespace),
+                                                        Keys(target))
+    finally:
+        await redis.aclose()
+    return ReplayResult(**report.to_dict())
+
+
+class ReexecutionFailed(RuntimeError):
+    """A stage raised while re-running the task (``"{task_id}: {stage} failed: {error}"``)."""
+
+
+async def reexecute(settings: Settings, task_id: str) -> Reexecution:
+    """Re-run ``task_id`` through analyzer, executor and validator, answered by the ``replay``
+    provider from its recorded calls (streams/reexecute.py); nothing is published.
+
+    Returns the original and the new outcome, the calls replayed and new, and the new events.
+
+    Raises:
+        streams.reexecute.NothingToReexecute: the log has no submission or routing decision
+            for the task.
+        ReexecutionFailed: a stage raised on the task.
+        agents.sandbox.SandboxUnavailable: ``RMO_SANDBOX`` asks for a sandbox this machine lacks.
+        ValueError: no Kafka broker or Redis is resolved in ``settings``.
+    """
+    from streams import reexecute as reexecution  # the stages: see replay()
+
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True)
+    try:
+        return await reexecution.reexecute(
+            settings, load_topics(settings.namespace, settings.topics_file), redis, task_id)
+    except RuntimeError as exc:
+        # streams/reexecute.py raises a plain RuntimeError when a stage fails on the task
+        # (the same failure dead-lettered it live); subclasses are other errors
+        if type(exc) is not RuntimeError:
+            raise
+        raise ReexecutionFailed(f"{task_id}: {exc}") from exc
+    finally:
+        await redis.aclose()
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+class DeadLetterNotFound(LookupError):
+    """No dead letter has the given event id."""
+
+
+async def dead_letters(settings: Settings) -> list[Envelope]:
+    """Every ``DeadLettered`` event on the deadletter topic, in log order (payload: reason,
+    error type, stage, source topic/partition/offset, original key and value in base64).
+
+    Raises:
+        ValueError: no Kafka broker is resolved in ``settings``.
+    """
+    topic = load_topics(settings.namespace, settings.topics_file).name("deadletter")
+    return [decode(r.value, max_bytes=None) async for r in read_topic(settings.require_kafka(), topic)]
+
+
+@dataclass(frozen=True)
+class Resubmitted:
+    """A dead letter's original record produced again: where the broker acknowledged it."""
+
+    dead_letter_id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+async def retry_dead_letter(settings: Settings, dead_letter_id: str) -> Resubmitted:
+    """Produce the original key and value of dead letter ``dead_letter_id`` (its event id) to
+    its source topic again, unchanged.
+
+    Raises:
+        DeadLetterNotFound: no dead letter has that id.
+        ValueError: no Kafka broker is resolved in ``settings``.
+    """
+    match = [e for e in await dead_letters(settings) if e.event_id == dead_letter_id]
+    if not match:
+        raise DeadLetterNotFound(f"no dead letter {dead_letter_id!r}")
+    p = match[-1].payload
+    async with EventProducer(settings.require_kafka()) as producer:
+        fut = await producer.send(p.source_topic,
+                                  base64.b64decode(p.original_key_b64) if p.original_key_b64 else None,
+                                  base64.b64decode(p.original_value_b64))
+        md = await fut
+    return Resubmitted(dead_letter_id=dead_letter_id, topic=md.topic, partition=md.partition,
+                       offset=md.offset)
+
+
+# --------------------------------------------------------------------------- metrics, health
+
+
+async def live_workers(settings: Settings) -> list[Heartbeat]:
+    """The heartbeats of the workers running in ``settings.namespace``, oldest first
+    (streams/liveness.py; a heartbeat left by a killed worker of this host is dropped).
+
+    Raises:
+        ValueError: no Redis URL is resolved in ``settings``.
+        redis.exceptions.ConnectionError: Redis is unreachable.
+    """
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True)
+    try:
+        return await liveness.live_workers(redis, Keys(settings.namespace))
+    finally:
+        await redis.aclose()
+
+
+async def metrics_snapshots(settings: Settings, follow: bool = False) -> AsyncIterator[Envelope]:
+    """The ``MetricsSnapshot`` events of the metrics topic in log order (a worker publishes one
+    every ``metrics_interval_s``, 5 s); with ``follow``, then new ones as they arrive, forever.
+
+    Raises:
+        ValueError: no Kafka broker is resolved in ``settings``.
+    """
+    topic = load_topics(settings.namespace, settings.topics_file).name("metrics")
+    async for r in read_topic(settings.require_kafka(), topic, follow=follow):
+        yield decode(r.value, max_bytes=None)
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    """What routing has learned for one state: the greedy action and its Q-value."""
+
+    state: str
+    action: str
+    q: float
+
+
+@dataclass(frozen=True)
+class MetricsSummary:
+    """The namespace's figures now, read from the projections (``GET /metrics/summary``).
+
+    ``tasks``: completed tasks per final status; ``completed`` their sum; ``pass_rate``:
+    passed / completed (0.0 when none); ``events``: events projected per event type;
+    ``cost_usd`` (USD) and ``tokens``: of every completed task; ``providers``: per provider
+    (streams/metrics.py: calls, failures, pass rate, p50/p95 latency in ms, cost in USD,
+    breaker state, trips); ``q_updates``: rewards applied to the Q-table; ``policy``: the
+    greedy action per state; ``workers``: live workers.
+    """
+
+    namespace: str
+    completed: int
+    tasks: dict[str, int]
+    pass_rate: float
+    cost_usd: float
+    tokens: int
+    events: dict[str, int]
+    providers: list[ProviderSummary]
+    q_updates: int
+    policy: list[PolicyEntry]
+    workers: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def metrics_summary(settings: Settings) -> MetricsSummary:
+    """Counters, per-provider figures, the learned policy and live workers of
+    ``settings.namespace``. Reads Redis only.
+
+    Raises:
+        ValueError: no Redis URL is resolved in ``settings``.
+        redis.exceptions.ConnectionError: Redis is unreachable.
+    """
+    keys = Keys(settings.namespace)
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True)
+    try:
+        counters = {k: int(v) for k, v in (await redis.hgetall(keys.counters)).items()}
+        providers = await provider_summaries(redis, keys)
+        # the configured policy, for what it learned (a provider:ID policy learns nothing)
+        name = settings.policy
+        shown = make_policy(name, [name.removeprefix("provider:")] if name.startswith("provider:") else [],
+                            settings)
+        policy = await learned_policy(redis, keys, shown)
+        updates = int(float(await redis.hget(keys.qmeta, "updates") or 0))
+        workers = await liveness.live_workers(redis, keys)
+    finally:
+        await redis.aclose()
+    tasks = {k.removeprefix("tasks:"): v for k, v in sorted(counters.items()) if k.startswith("tasks:")}
+    completed = sum(tasks.values())
+    return MetricsSummary(
+        namespace=settings.namespace, completed=completed, tasks=tasks,
+        pass_rate=tasks.get("passed", 0) / completed if completed else 0.0,
+        cost_usd=counters.get("cost_microusd", 0) / MICRO, tokens=counters.get("tokens", 0),
+        events={k.removeprefix("events:"): v for k, v in sorted(counters.items())
+                if k.startswith("events:")},
+        providers=list(providers.values()),
+        q_updates=updates,
+        policy=[PolicyEntry(state=s, action=a, q=q) for s, (a, q) in policy.items()],
+        workers=len(workers))
+
+
+HEALTH_KAFKA_TIMEOUT_S = 2.0
+"""Seconds the broker has to answer a metadata request in :func:`health`."""
+HEALTH_REDIS_TIMEOUT_S = 1.0
+"""Seconds Redis has to answer PING in :func:`health`."""
+
+
+@dataclass(frozen=True)
+class DependencyHealth:
+    """One service a front-end depends on: its address (a password shown as ``***``), whether
+    it answered, and why not."""
+
+    address: str | None
+    ok: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Health:
+    """Whether the pipeline can take work now: the broker answers metadata, Redis answers PING,
+    and at least one worker is alive in the namespace (``workers``: their heartbeats, empty
+    when Redis is down). ``problems``: one line per failed condition; ``ok`` when none."""
+
+    ok: bool
+    namespace: str
+    kafka: DependencyHealth
+    redis: DependencyHealth
+    workers: list[Heartbeat]
+    problems: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def health(settings: Settings) -> Health:
+    """Probe the broker (:data:`HEALTH_KAFKA_TIMEOUT_S`), Redis (:data:`HEALTH_REDIS_TIMEOUT_S`)
+    and the workers' heartbeats; never raises for an unreachable service: it is reported."""
+    problems = []
+    bootstrap, url = settings.kafka_bootstrap_servers, settings.redis_url
+    # the probe blocks (its own loop in a thread): keep this loop serving meanwhile
+    kafka_ok = bool(bootstrap) and await asyncio.to_thread(
+        kafka_reachable, bootstrap, HEALTH_KAFKA_TIMEOUT_S)
+    kafka = DependencyHealth(address=bootstrap, ok=kafka_ok, error=None if kafka_ok else (
+        f"no Kafka metadata within {HEALTH_KAFKA_TIMEOUT_S:g} s" if bootstrap else "no broker resolved"))
+    if not kafka_ok:
+        problems.append(f"kafka {bootstrap or '-'}: {kafka.error}")
+    workers: list[Heartbeat] = []
+    redis_error = None if url else "no Redis resolved"
+    if url:
+        client = Redis.from_url(url, decode_responses=True, socket_timeout=HEALTH_REDIS_TIMEOUT_S,
+                                socket_connect_timeout=HEALTH_REDIS_TIMEOUT_S)
+        try:
+            await client.ping()
+            workers = await liveness.live_workers(client, Keys(settings.namespace))
+        except (RedisError, OSError) as exc:
+            redis_error = f"no PING reply within {HEALTH_REDIS_TIMEOUT_S:g} s ({type(exc).__name__})"
+        finally:
+            await client.aclose()
+    shown = redact(url) if url else None
+    redis = DependencyHealth(address=shown, ok=redis_error is None, error=redis_error)
+    if redis_error:
+        problems.append(f"redis {shown or '-'}: {redis_error}")
+    elif not workers:
+        problems.append(f"no worker is running in namespace {settings.namespace} "
+                        "(start one: `rmo worker`)")
+    return Health(ok=not problems, namespace=settings.namespace, kafka=kafka, redis=redis,
+                  workers=workers, problems=problems)
 
 
 # --------------------------------------------------------------------------- policy evaluation

@@ -38,10 +38,12 @@ import asyncio
 import base64
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import structlog
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -52,6 +54,7 @@ from models.codec import CodecError, decode, encode, make_event
 from models.events import DeadLettered, Envelope, TaskCompleted
 from streams.config import Settings
 from streams.keys import Keys
+from streams.logs import event_fields
 from streams.topics import TopicRegistry
 
 log = logging.getLogger("rmo.stage")
@@ -132,6 +135,15 @@ class Tx:
         self.failed[event.event_id] = exc
 
 
+BatchObserver = Callable[[str, int, Tx, float], None]
+"""Told of every applied batch (after step 7): the consumer's name, the records taken, the
+applied transaction (its ``emitted`` events) and the seconds the batch took."""
+
+observers: list[BatchObserver] = []
+"""The observers of this process's batches: the worker's Prometheus exporter adds one
+(streams/prometheus.py). An observer must be quick and must not raise."""
+
+
 class Projection(Protocol):
     """A piece of Redis state derived from events; ``apply`` queues the writes for a batch."""
 
@@ -151,7 +163,8 @@ class Consumer:
     async def process(self, events: Sequence[Envelope], tx: Tx) -> None:
         """Run the stage on the events of a handled type, concurrently; a raising event is
         recorded with ``tx.fail`` (dead-lettered) while the others go on."""
-        results = await asyncio.gather(*(self.handle(e, tx) for e in events), return_exceptions=True)
+        results = await asyncio.gather(*(self._handle_logged(e, tx) for e in events),
+                                       return_exceptions=True)
         for event, result in zip(events, results):
             if isinstance(result, REDIS_DOWN):
                 raise result
@@ -170,6 +183,12 @@ class Consumer:
         a crash re-delivers the rest, and step 1 drops what was applied."""
         return pending
 
+    async def _handle_logged(self, event: Envelope, tx: Tx) -> None:
+        # gather runs each event in a task of its own, with a copy of the context: lines
+        # logged while handling it carry its ids (streams/logs.py)
+        structlog.contextvars.bind_contextvars(**event_fields(event))
+        await self.handle(event, tx)
+
 
 class BatchRunner:
     """Runs the commit protocol (module docstring) for one consumer."""
@@ -181,10 +200,16 @@ class BatchRunner:
 
     async def run(self, records: Sequence[Record]) -> Tx:
         """Apply one batch (steps 1-8). Returns the applied transaction (for tests and stats).
+        Lines logged meanwhile carry ``stage`` (the consumer's name).
 
         Raises:
             StaleBatchError: a checkpoint moved under us (step 7).
         """
+        with structlog.contextvars.bound_contextvars(stage=self.consumer.name):
+            return await self._run(records)
+
+    async def _run(self, records: Sequence[Record]) -> Tx:
+        started, taken = time.perf_counter(), len(records)
         tx = Tx(self.ctx)
         marks = await self._redis(lambda: self._checkpoints(records))
         records = [r for r in records if r.offset > marks[(r.topic, r.partition)]]
@@ -207,6 +232,8 @@ class BatchRunner:
             await self._redis(lambda p=projection: p.apply(applied, tx))
         await self._produce(tx)
         await self._redis(lambda: self._commit(records, marks, applied, tx))
+        for observe in observers:
+            observe(self.consumer.name, taken, tx, time.perf_counter() - started)
         return tx
 
     # -- steps ---------------------------------------------------------------------------
@@ -267,7 +294,8 @@ class BatchRunner:
         """Queue a DeadLettered event (id derived from the record's position, so a re-run
         does not duplicate it) and that task's final TaskCompleted (``dead_lettered``) for a
         decoded task event, or for an undecoded record when ``task_id`` names its task."""
-        log.warning("dead-letter %s[%d]@%d: %s", r.topic, r.partition, r.offset, reason)
+        log.warning("dead-letter %s[%d]@%d: %s", r.topic, r.partition, r.offset, reason,
+                    extra=event_fields(event) if event else {"task_id": task_id} if task_id else {})
         payload = DeadLettered(
             reason=reason[:2000], error_type=error_type, stage=self.consumer.name,
             source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,

@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from agents.providers.base import Provider
 from agents.providers.registry import fingerprint, load_providers
 from agents.sandbox import resolve_mode
-from streams import liveness
+from streams import liveness, logs, prometheus, stall
 from streams.app import create_app
 from streams.config import Settings
 from streams.keys import Keys
@@ -48,17 +48,23 @@ def redis_for_worker(settings: Settings) -> Redis:
 
 
 def build_app(settings: Settings, providers: dict[str, Provider], heartbeat: Heartbeat):
-    """The worker's Faust app for ``settings`` (services already resolved)."""
+    """The worker's Faust app for ``settings`` (services already resolved), watched for
+    stalls (streams/stall.py: ``RMO_STALL_MS``, ``RMO_STALL_S``)."""
     registry = load_topics(settings.namespace, settings.topics_file)
     redis = redis_for_worker(settings)
-    return create_app(settings, registry, build_consumers(settings, providers), redis, heartbeat)
+    consumers = build_consumers(settings, providers)
+    app = create_app(settings, registry, consumers, redis, heartbeat)
+    stall.install(app, registry, consumers, redis, Keys(settings.namespace), heartbeat.worker_id)
+    return app
 
 
-def worker_heartbeat(settings: Settings, providers: dict[str, Provider]) -> Heartbeat:
+def worker_heartbeat(settings: Settings, providers: dict[str, Provider],
+                     metrics_port: int | None = None) -> Heartbeat:
     """What this worker process announces (streams/liveness.py)."""
     return Heartbeat(host=liveness.HOST, pid=os.getpid(), started_at=datetime.now(UTC).isoformat(),
                      providers=tuple(providers), fingerprint=fingerprint(providers),
-                     providers_source=str(settings.providers_file or "defaults"))
+                     providers_source=str(settings.providers_file or "defaults"),
+                     metrics_port=metrics_port)
 
 
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:
@@ -70,11 +76,16 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
         agents.providers.registry.ProviderConfigError: the providers file is invalid.
         agents.sandbox.SandboxUnavailable: ``RMO_SANDBOX`` asks for a sandbox this machine
             cannot give (e.g. no bwrap).
+        streams.logs.LogConfigError: ``loglevel`` is not a level name.
+        streams.prometheus.MetricsPortUnavailable: no port of ``RMO_METRICS_PORT``'s range is free.
     """
+    level = logs.level_of(loglevel)
     resolve_mode(settings.sandbox)  # refuse untrusted code without a sandbox before connecting
     registry = load_topics(settings.namespace, settings.topics_file)
     providers = load_providers(settings.providers_file, seed=settings.seed)
-    heartbeat = worker_heartbeat(settings, providers)
+    logs.register_secrets(logs.provider_secrets(providers))  # masked in every log line
+    exporter = prometheus.start_exporter(settings, providers)  # /metrics (RMO_METRICS_PORT)
+    heartbeat = worker_heartbeat(settings, providers, exporter.port if exporter else None)
 
     async def prepare() -> None:
         redis = redis_for_worker(settings)
@@ -87,10 +98,16 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
 
     asyncio.run(prepare())
     app = build_app(settings, providers, heartbeat)
+    if exporter:
+        exporter.watch(app)  # consumer lag of the partitions assigned to this worker
     # aiokafka logs every send at DEBUG; building those records costs ~3 % of a busy worker
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     install_connection_log_filter(app.transport.broker_health)
-    Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False).execute_from_commandline()
+    # logging stays as streams/logs.py configured it (Faust would install its own format);
+    # --loglevel lowers the level, -v or --debug of the command line may lower it further
+    logs.set_level(min(logging.getLogger().level or logging.WARNING, level))
+    Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False,
+           override_logging=False).execute_from_commandline()
 
 
 class Worker(faust.worker.Worker):
@@ -105,6 +122,11 @@ class Worker(faust.worker.Worker):
     an unfinished batch wrote nothing and is redelivered, and the events it may have produced
     carry deterministic ids that consumers drop (step 3).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # no terminal spinner: its control characters would land between the log's lines
+        self.spinner = None
 
     def _schedule_shutdown(self, sig: signal.Signals) -> None:
         if not self._signal_stop_time:  # mode ignores the signals after the first one

@@ -22,7 +22,7 @@ import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -58,9 +58,10 @@ PROVIDERS = "providers:\n" + "".join(
     f"    latency_ms: {{mean: 20, p95: 50}}\n"
     for pid, model, acc, err in (("alpha", "grok-4", 0.7, 0.03),
                                  ("beta", "gemini-2.5-pro", 0.8, 0.02)))
-PAUSED = re.compile(r"\] (\S+) paused: Redis unreachable")
-RESUMED = re.compile(r"\] (\S+) resumed: Redis is back")
-LOG_TIME = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\]")
+# the worker logs JSON lines (streams/logs.py): {"timestamp": "...Z", ..., "event": "..."}
+PAUSED = re.compile(r'"event":"(\S+) paused: Redis unreachable')
+RESUMED = re.compile(r'"event":"(\S+) resumed: Redis is back')
+LOG_TIME = re.compile(r'"timestamp":"([^"]+)"')
 
 
 class PersistentRedis:
@@ -122,7 +123,7 @@ class Outcome:
 
     ids: set[str]
     log: str
-    down_at: datetime  # local wall clock (the worker log's clock) when Redis was stopped
+    down_at: datetime  # UTC wall clock (the worker log's timestamps are UTC) when Redis was stopped
     worker_alive_during: bool
     worker_alive_after: bool
     caught_up: bool
@@ -169,7 +170,7 @@ async def _outage_run(kafka: str, namespace: str, server: PersistentRedis, tmp_p
             await r.execute_command("CLIENT", "PAUSE", "60000", "WRITE")
             await asyncio.sleep(freeze_writes_s)
         await r.aclose()
-        down_wall = datetime.now()
+        down_wall = datetime.now(UTC)
         server.stop()
         down_at = time.monotonic()
         await asyncio.sleep(OUTAGE_S)
@@ -240,7 +241,7 @@ def _pause_lines(o: Outcome) -> dict[str, list[tuple[datetime, str, str]]]:
         for kind, pattern in (("paused", PAUSED), ("resumed", RESUMED)):
             m = pattern.search(line)
             if m:
-                at = datetime.strptime(LOG_TIME.search(line).group(1), "%Y-%m-%d %H:%M:%S,%f")
+                at = datetime.fromisoformat(LOG_TIME.search(line).group(1))
                 out.setdefault(m.group(1), []).append((at, kind, line))
     return out
 

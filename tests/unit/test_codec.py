@@ -41,6 +41,7 @@ from models.events import (
     ReserveGranted,
     RewardComputed,
     RuleEvidence,
+    StageStalled,
     TaskAnalyzed,
     TaskCompleted,
     TaskExecuted,
@@ -102,6 +103,11 @@ def _payloads() -> dict[str, object]:
         ),
         "BreakerCommand": BreakerCommand(provider="openai", command="close", reason="key rotated",
                                          operator="ops"),
+        "StageStalled": StageStalled(
+            kind="consumer", worker="host:4242", stalled_ms=61_000.0, threshold_ms=60_000.0,
+            stage="executor", topic="rmo.analyses", partition=2, lag=17, tasks=42,
+            stack='File "agents/executor.py", line 300, in _execute',
+        ),
         "TaskExecuted": TaskExecuted(
             task_id="t1", state="s", action="a",
             candidates=[Candidate(provider="openai", text="x"),

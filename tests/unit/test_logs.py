@@ -1,0 +1,207 @@
+"""streams/logs.py: JSON lines (or console lines) from every logger, context bound by the
+stage runner, and no secret in any line."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import structlog
+from redis.asyncio import Redis
+
+from agents.providers.registry import load_providers
+from models.codec import encode, make_event
+from models.events import Envelope, TaskSubmitted
+from streams import logs
+from streams.config import Settings
+from streams.keys import Keys
+from streams.stage import BatchRunner, Consumer, Context, Record, Tx
+from streams.topics import load_topics
+
+KEY = "sk-h6-unit-0123456789abcdef"
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Put the root logger, structlog and the registered secrets back as they were."""
+    root = logging.getLogger()
+    handlers, level, secrets = list(root.handlers), root.level, set(logs._secrets)
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    logs._secrets.clear()
+    logs._secrets.update(secrets)
+
+
+@pytest.fixture
+def json_log(restore_logging: None) -> io.StringIO:
+    stream = io.StringIO()
+    assert logs.configure(logging.DEBUG, fmt="json", stream=stream) == "json"
+    return stream
+
+
+def lines(stream: io.StringIO) -> list[dict]:
+    return [orjson.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+def test_stdlib_and_structlog_records_are_json_lines_with_the_bound_context(json_log) -> None:
+    with structlog.contextvars.bound_contextvars(stage="executor", task_id="t1"):
+        logging.getLogger("rmo.test").warning("called %s %d times", "gpt", 3)
+        logging.getLogger("faust.something").info("a library's line")
+        logs.get_logger("rmo.test").error("native", lag=4)
+    logging.getLogger("rmo.test").info("outside", extra={"event_id": "e9", "junk": object()})
+    first, library, native, outside = lines(json_log)
+    assert list(first)[:4] == ["timestamp", "level", "logger", "event"]
+    assert first["event"] == "called gpt 3 times" and first["level"] == "warning"
+    assert first["stage"] == "executor" and first["task_id"] == "t1"
+    assert first["timestamp"].endswith("Z") and isinstance(first["pid"], int)
+    assert library["logger"] == "faust.something" and library["stage"] == "executor"
+    assert native["lag"] == 4 and native["level"] == "error" and native["task_id"] == "t1"
+    # the context ends with its block; extra passes our fields only
+    assert "task_id" not in outside and outside["event_id"] == "e9" and "junk" not in outside
+
+
+def test_an_exception_is_one_line_with_its_traceback(json_log) -> None:
+    try:
+        raise ValueError("bad thing")
+    except ValueError:
+        logging.getLogger("rmo.test").exception("it failed")
+    (line,) = json_log.getvalue().splitlines()
+    record = orjson.loads(line)
+    assert record["level"] == "error" and "ValueError: bad thing" in record["exception"]
+    assert "Traceback" in record["exception"]
+
+
+def test_format_is_console_on_a_terminal_json_otherwise_and_refuses_others(
+        restore_logging, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(logs.FORMAT_VARIABLE, raising=False)
+    assert logs.resolve_format(None, Tty()) == "console"
+    assert logs.resolve_format("", io.StringIO()) == "json"
+    assert logs.resolve_format("JSON", Tty()) == "json"
+    assert logs.resolve_format("console", io.StringIO()) == "console"
+    with pytest.raises(logs.LogConfigError, match="RMO_LOG_FORMAT='xml'"):
+        logs.resolve_format("xml", io.StringIO())
+    tty = Tty()
+    assert logs.configure(logging.INFO, stream=tty) == "console"
+    logging.getLogger("rmo.test").info("hello console")
+    text = tty.getvalue()
+    assert "hello console" in text and "rmo.test" in text and not text.startswith("{")
+
+
+def test_level_names_of_the_command_line() -> None:
+    assert logs.level_of("warn") == logging.WARNING and logs.level_of("CRIT") == logging.CRITICAL
+    with pytest.raises(logs.LogConfigError, match="'loud'"):
+        logs.level_of("loud")
+
+
+def test_no_line_carries_a_secret(restore_logging, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # a conventional name: masked from the start
+    monkeypatch.setenv("RMO_API_TOKEN", "tok-h6-0123456789")
+    monkeypatch.setenv("UNRELATED", "x")
+    stream = io.StringIO()
+    logs.configure(logging.DEBUG, fmt="json", stream=stream)
+    log = logging.getLogger("rmo.test")
+    log.warning("auth header Bearer %s", KEY)
+    log.info("token tok-h6-0123456789 in a message")
+    logs.get_logger("rmo.test").warning("a field", headers={"authorization": f"Bearer {KEY}"})
+    try:
+        raise RuntimeError(f"server said: invalid key {KEY}")
+    except RuntimeError:
+        log.exception("call failed")
+    console = io.StringIO()
+    logs.configure(logging.DEBUG, fmt="console", stream=console)
+    log.error("again %s", KEY)
+    text = stream.getvalue() + console.getvalue()
+    assert KEY not in text and "tok-h6-0123456789" not in text
+    assert text.count(logs.MASK) == 5
+    assert len(lines(stream)) == 4  # masking kept every line valid JSON
+
+
+def test_a_providers_key_under_any_variable_name_is_masked_once_registered(
+        restore_logging, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("MY_LLM_CREDENTIAL", KEY)  # a name the environment scan does not know
+    path = tmp_path / "providers.yaml"
+    path.write_text("providers:\n  - id: gpt\n    kind: openai\n    model: gpt-4o-mini\n"
+                    "    base_url: http://127.0.0.1:9/v1\n    api_key_env: MY_LLM_CREDENTIAL\n"
+                    "  - id: s\n    kind: sim\n    model: grok-4\n    accuracy: 1.0\n")
+    providers = load_providers(path, seed=0)
+    assert logs.provider_secrets(providers) == [KEY]
+    stream = io.StringIO()
+    logs.configure(logging.INFO, fmt="json", stream=stream)
+    logging.getLogger("rmo.test").warning("before %s", KEY)
+    logs.register_secrets(logs.provider_secrets(providers))
+    logging.getLogger("rmo.test").warning("after %s", KEY)
+    before, after = lines(stream)
+    assert KEY in before["event"]  # the test can fail: unregistered, the key would show
+    assert after["event"] == f"after {logs.MASK}"
+
+
+def test_short_values_are_not_treated_as_secrets(restore_logging) -> None:
+    logs.register_secrets(["abc", "", None, "  "])
+    assert logs.redact("abc def") == "abc def"
+
+
+class Logging(Consumer):
+    """Logs one line per handled event; raises for the prompt 'boom' (a dead letter)."""
+
+    name = "logging"
+    source = "tasks"
+    handles = frozenset({"TaskSubmitted"})
+
+    async def handle(self, event: Envelope, tx: Tx) -> None:
+        if event.payload.prompt == "boom":
+            raise RuntimeError("boom")
+        logging.getLogger("rmo.test").warning("handled %s", event.payload.task_id)
+
+
+class Acks:
+    """A producer whose every send is acked at once."""
+
+    async def send(self, topic: str, key: bytes | None, value: bytes):
+        async def ack() -> None:
+            return None
+
+        return ack()
+
+
+async def test_the_stage_runner_binds_stage_and_each_events_ids(json_log, redis_url: str,
+                                                                namespace: str) -> None:
+    settings = Settings(namespace=namespace, redis_url=redis_url)
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    registry = load_topics(namespace)
+    ctx = Context(settings=settings, keys=Keys(namespace), topics=registry, redis=redis,
+                  producer=Acks())
+    events = [make_event(TaskSubmitted(task_id=f"t{i}", kind="code", prompt=p), producer="test")
+              for i, p in enumerate(["def f(): pass", "def g(): pass", "boom"])]
+    batch = [Record(registry.name("tasks"), 0, i, e.correlation_id.encode(), encode(e))
+             for i, e in enumerate(events)]
+    try:
+        await BatchRunner(Logging(), ctx).run(batch)
+    finally:
+        await redis.aclose()
+    got = lines(json_log)
+    handled = {line["task_id"]: line for line in got if line["event"].startswith("handled")}
+    assert set(handled) == {"t0", "t1"}
+    for e in events[:2]:
+        line = handled[e.payload.task_id]
+        assert line["stage"] == "logging" and line["event_id"] == e.event_id
+        assert line["correlation_id"] == e.correlation_id and line["event_type"] == "TaskSubmitted"
+    (dead,) = [line for line in got if line["event"].startswith("dead-letter")]
+    assert dead["task_id"] == "t2" and dead["event_id"] == events[2].event_id
+    assert dead["stage"] == "logging"
+    logging.getLogger("rmo.test").warning("after the batch")
+    assert "stage" not in lines(json_log)[-1]  # the batch's context did not leak out
