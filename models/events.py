@@ -164,7 +164,8 @@ class TaskSubmitted(Frozen):
     must_match: str | None = Field(default=None, description=_MUST_MATCH_DOC)
     must_contain: list[Annotated[str, Field(min_length=1)]] | None = Field(
         default=None, min_length=1, description=_MUST_CONTAIN_DOC)
-    max_cost_usd: float | None = Field(default=None, ge=0, description="spending cap in USD")
+    # bounded: a cap in the 1e308s overflowed the budget's integer micro-USD (found by fuzzing)
+    max_cost_usd: float | None = Field(default=None, ge=0, le=1e9, description="spending cap in USD")
 
     @model_validator(mode="after")
     def _fits_kind(self) -> TaskSubmitted:

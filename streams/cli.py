@@ -38,6 +38,7 @@ from models.events import Envelope, MetricsSnapshot, TaskSubmitted
 from streams import locate, logs, service
 from streams.config import Settings
 from streams.embedded import EmbeddedServiceError
+from streams.prometheus import MetricsPortUnavailable
 from streams.topics import load_topics
 
 app = typer.Typer(help="Fractal-RMO: event-sourced multi-agent LLM orchestration over Kafka and Redis.",
@@ -931,7 +932,7 @@ def tune_gc() -> None:
 
 USER_ERRORS: tuple[type[Exception], ...] = (locate.ServiceUnreachable, ProviderConfigError,
                                             EmbeddedServiceError, SandboxUnavailable,
-                                            logs.LogConfigError)
+                                            logs.LogConfigError, MetricsPortUnavailable)
 """Mistakes the user can fix from the message alone: exit 2, like a bad option."""
 
 
