@@ -136,7 +136,7 @@ from models.events import (
 )
 from streams.config import Settings
 from streams.projections import CountersProjection, TaskStatusProjection
-from streams.stage import REDIS_DOWN, Consumer, Tx
+from streams.stage import REDIS_DOWN, Consumer, Tx, in_event_context
 
 log = logging.getLogger("rmo.executor")
 
@@ -348,8 +348,8 @@ class ExecutorStage(Consumer):
                 plans.append((e, self._decide(e, snap, snap.decided + i, adm)))
             except (ValueError, KeyError, AttributeError) as exc:  # one bad event must not sink the batch
                 tx.fail(e, exc)
-        results = await asyncio.gather(*(self._execute(e, plan, adm, tx) for e, plan in plans),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(in_event_context(e, self._execute(e, plan, adm, tx))
+                                         for e, plan in plans), return_exceptions=True)
         await self._release(adm, tx)
         for (e, _), r in zip(plans, results):
             if isinstance(r, Exception):

@@ -27,7 +27,11 @@ class EventProducer:
                                           max_batch_size=1 << 20, **kwargs)
 
     async def __aenter__(self) -> Self:
-        await self._producer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            await self._producer.stop()  # a start that fails still closes its connections
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -58,8 +62,8 @@ async def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None
                                 fetch_max_wait_ms=100,
                                 # a dead letter of a 1 MB record is ~1.4 MB
                                 max_partition_fetch_bytes=2 * PRODUCER_MAX_REQUEST_BYTES)
-    await consumer.start()
     try:
+        await consumer.start()  # inside: a start that fails still closes its connections
         partitions = await _partitions(consumer, topic)
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
@@ -91,8 +95,8 @@ async def high_watermarks(bootstrap: str, topic: str, timeout_s: float = 30.0) -
     hw: dict[int, int] = {}
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                 fetch_max_wait_ms=50)
-    await consumer.start()
     try:
+        await consumer.start()  # inside: a start that fails still closes its connections
         tps = [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
         consumer.assign(tps)
         for tp in tps:

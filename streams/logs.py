@@ -15,13 +15,17 @@ mode's, aiokafka's) and of structlog loggers (:func:`get_logger`) come out the s
   human-readable lines, the same fields as ``key=value``.
 
 Context travels in ``contextvars`` (structlog's ``merge_contextvars``): the stage runner binds
-``stage`` for a batch and an event's fields while it handles that event
-(streams/stage.py), and every line logged meanwhile, by any module, carries them. asyncio
-copies the context into each task it creates, so concurrent events do not mix.
+``stage`` for a batch, and ``streams.stage.in_event_context`` an event's fields while a stage
+works on that event (the default ``process`` and the executor's per-event calls use it), and
+every line logged meanwhile, by any module, carries them. asyncio copies the context into each
+task it creates, so concurrent events do not mix. Work done for a whole batch at once (the
+analyzer's classification, the validator's batch runs of ruff, bandit and the sandbox) logs
+with ``stage`` only.
 
 No secret reaches a line: every rendered line has the values of :func:`secrets_from_environment`
-and of :func:`register_secrets` (the workers register their providers' keys,
-:func:`provider_secrets`) replaced by :data:`MASK` before it is written.
+and of :func:`register_secrets` (every process registers a provider's key as it reads it,
+whatever variable ``api_key_env`` names: agents/providers/remote.py) replaced by :data:`MASK`
+before it is written.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ SECRET_VARIABLE = re.compile(r"(^|_)(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD)$", r
 """Names of environment variables whose values are masked in every line: ``RMO_API_TOKEN``,
 the providers' conventional ``OPENAI_API_KEY``, ``ANTHROPIC_API_KEY``, ``XAI_API_KEY``,
 ``GEMINI_API_KEY``, and any other ``…_API_KEY``, ``…_TOKEN``, ``…_SECRET``, ``…_PASSWORD``. A
-provider's ``api_key_env`` may name any variable: workers register those values too."""
+provider's ``api_key_env`` may name any variable: its value is registered when it is read."""
 
 CONTEXT_FIELDS = ("stage", "task_id", "correlation_id", "event_id", "event_type")
 """Fields a standard-library call may also pass as ``extra={...}`` (others are ignored, so
@@ -76,13 +80,6 @@ def register_secrets(values: Iterable[str | None]) -> None:
 def secrets_from_environment(environ: Mapping[str, str] = os.environ) -> list[str]:
     """The values of the variables :data:`SECRET_VARIABLE` names."""
     return [v for k, v in environ.items() if SECRET_VARIABLE.search(k) and v]
-
-
-def provider_secrets(providers: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> list[str]:
-    """The API keys the providers read: the values of the variables their configuration's
-    ``api_key_env`` names (agents/providers/remote.py); kinds without one add nothing."""
-    names = {getattr(getattr(p, "config", None), "api_key_env", None) for p in providers.values()}
-    return [environ[n] for n in names if n and environ.get(n)]
 
 
 def redact(text: str) -> str:

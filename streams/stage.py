@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 from redis.asyncio import Redis
@@ -58,6 +58,7 @@ from streams.logs import event_fields
 from streams.topics import TopicRegistry
 
 log = logging.getLogger("rmo.stage")
+T = TypeVar("T")
 
 Mode = Literal["live", "replay"]
 MAX_DEADLETTER_BYTES = 2 * 1024 * 1024
@@ -163,7 +164,7 @@ class Consumer:
     async def process(self, events: Sequence[Envelope], tx: Tx) -> None:
         """Run the stage on the events of a handled type, concurrently; a raising event is
         recorded with ``tx.fail`` (dead-lettered) while the others go on."""
-        results = await asyncio.gather(*(self._handle_logged(e, tx) for e in events),
+        results = await asyncio.gather(*(in_event_context(e, self.handle(e, tx)) for e in events),
                                        return_exceptions=True)
         for event, result in zip(events, results):
             if isinstance(result, REDIS_DOWN):
@@ -183,11 +184,15 @@ class Consumer:
         a crash re-delivers the rest, and step 1 drops what was applied."""
         return pending
 
-    async def _handle_logged(self, event: Envelope, tx: Tx) -> None:
-        # gather runs each event in a task of its own, with a copy of the context: lines
-        # logged while handling it carry its ids (streams/logs.py)
-        structlog.contextvars.bind_contextvars(**event_fields(event))
-        await self.handle(event, tx)
+
+async def in_event_context(event: Envelope, work: Awaitable[T]) -> T:
+    """Await ``work`` with ``event``'s ids bound to the log context (streams/logs.py
+    :func:`~streams.logs.event_fields`): every line logged meanwhile, by any module, carries
+    ``task_id``, ``correlation_id``, ``event_id`` and ``event_type``. Meant for the per-event
+    coroutines a stage gathers: ``asyncio.gather`` runs each in a task with a copy of the
+    context, so the binding stays with that event and concurrent events do not mix."""
+    with structlog.contextvars.bound_contextvars(**event_fields(event)):
+        return await work
 
 
 class BatchRunner:

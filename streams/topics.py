@@ -86,8 +86,8 @@ async def create_topics(bootstrap: str, registry: TopicRegistry, timeout_s: floa
     (Tansu accepts none of the retention settings) are retried without config.
     """
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000))
-    await admin.start()
     try:
+        await admin.start()  # inside: a start that fails still closes its connections
         existing = set(await admin.list_topics())
         missing = [s for s in registry if s.name not in existing]
         created = []

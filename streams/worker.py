@@ -83,7 +83,6 @@ def run_worker(settings: Settings, loglevel: str = "warn") -> None:
     resolve_mode(settings.sandbox)  # refuse untrusted code without a sandbox before connecting
     registry = load_topics(settings.namespace, settings.topics_file)
     providers = load_providers(settings.providers_file, seed=settings.seed)
-    logs.register_secrets(logs.provider_secrets(providers))  # masked in every log line
     exporter = prometheus.start_exporter(settings, providers)  # /metrics (RMO_METRICS_PORT)
     heartbeat = worker_heartbeat(settings, providers, exporter.port if exporter else None)
 

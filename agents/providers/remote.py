@@ -23,6 +23,8 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from streams.logs import register_secrets
+
 from agents.providers.base import (
     AuthError,
     BadRequest,
@@ -109,6 +111,7 @@ def read_api_key(env_name: str | None, *, example: str) -> str | None:
             f"field 'api_key_env': environment variable {env_name} is not set "
             f"(export {env_name}=<your API key>)"
         )
+    register_secrets([key])  # masked in every log line of this process from now on
     return key
 
 

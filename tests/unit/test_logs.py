@@ -3,6 +3,7 @@ stage runner, and no secret in any line."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from models.events import Envelope, TaskSubmitted
 from streams import logs
 from streams.config import Settings
 from streams.keys import Keys
-from streams.stage import BatchRunner, Consumer, Context, Record, Tx
+from streams.stage import BatchRunner, Consumer, Context, Record, Tx, in_event_context
 from streams.topics import load_topics
 
 KEY = "sk-h6-unit-0123456789abcdef"
@@ -131,19 +132,18 @@ def test_no_line_carries_a_secret(restore_logging, monkeypatch: pytest.MonkeyPat
     assert len(lines(stream)) == 4  # masking kept every line valid JSON
 
 
-def test_a_providers_key_under_any_variable_name_is_masked_once_registered(
+def test_a_providers_key_under_any_variable_name_is_masked_once_loaded(
         restore_logging, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MY_LLM_CREDENTIAL", KEY)  # a name the environment scan does not know
+    monkeypatch.setattr(logs, "_secrets", set())
     path = tmp_path / "providers.yaml"
     path.write_text("providers:\n  - id: gpt\n    kind: openai\n    model: gpt-4o-mini\n"
                     "    base_url: http://127.0.0.1:9/v1\n    api_key_env: MY_LLM_CREDENTIAL\n"
                     "  - id: s\n    kind: sim\n    model: grok-4\n    accuracy: 1.0\n")
-    providers = load_providers(path, seed=0)
-    assert logs.provider_secrets(providers) == [KEY]
     stream = io.StringIO()
     logs.configure(logging.INFO, fmt="json", stream=stream)
     logging.getLogger("rmo.test").warning("before %s", KEY)
-    logs.register_secrets(logs.provider_secrets(providers))
+    load_providers(path, seed=0)  # any process that loads the providers: CLI, API, worker
     logging.getLogger("rmo.test").warning("after %s", KEY)
     before, after = lines(stream)
     assert KEY in before["event"]  # the test can fail: unregistered, the key would show
@@ -205,3 +205,46 @@ async def test_the_stage_runner_binds_stage_and_each_events_ids(json_log, redis_
     assert dead["stage"] == "logging"
     logging.getLogger("rmo.test").warning("after the batch")
     assert "stage" not in lines(json_log)[-1]  # the batch's context did not leak out
+
+
+class Gathering(Consumer):
+    """Overrides ``process`` like the executor: one gathered coroutine per event, each
+    yielding to the others mid-way, wrapped in ``in_event_context``."""
+
+    name = "gathering"
+    source = "tasks"
+    handles = frozenset({"TaskSubmitted"})
+
+    async def process(self, events, tx: Tx) -> None:
+        async def one(event: Envelope) -> None:
+            await asyncio.sleep(0)  # interleave the events: their contexts must not mix
+            logging.getLogger("rmo.test").warning("executed %s", event.payload.task_id)
+
+        await asyncio.gather(*(in_event_context(e, one(e)) for e in events))
+        logging.getLogger("rmo.test").warning("batch done")
+
+
+async def test_a_stage_overriding_process_logs_each_events_ids(json_log, redis_url: str,
+                                                               namespace: str) -> None:
+    settings = Settings(namespace=namespace, redis_url=redis_url)
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    registry = load_topics(namespace)
+    ctx = Context(settings=settings, keys=Keys(namespace), topics=registry, redis=redis,
+                  producer=Acks())
+    events = [make_event(TaskSubmitted(task_id=f"t{i}", kind="code", prompt="def f(): pass"),
+                         producer="test") for i in range(3)]
+    batch = [Record(registry.name("tasks"), 0, i, e.correlation_id.encode(), encode(e))
+             for i, e in enumerate(events)]
+    try:
+        await BatchRunner(Gathering(), ctx).run(batch)
+    finally:
+        await redis.aclose()
+    got = lines(json_log)
+    executed = [line for line in got if line["event"].startswith("executed")]
+    assert len(executed) == 3
+    for line in executed:  # each line names the event it was logged for, not a neighbour's
+        e = next(e for e in events if e.payload.task_id == line["event"].split()[1])
+        assert line["task_id"] == e.payload.task_id and line["event_id"] == e.event_id
+        assert line["stage"] == "gathering"
+    (done,) = [line for line in got if line["event"] == "batch done"]
+    assert "task_id" not in done and done["stage"] == "gathering"
