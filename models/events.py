@@ -119,6 +119,10 @@ def _kind_problems(task: TaskSubmitted) -> list[str]:
     return problems
 
 
+_KIND_IS = {k: {"properties": {"kind": {"const": k}}, "required": ["kind"]}
+            for k in ("code", "json", "text")}
+
+
 class TaskSubmitted(Frozen):
     """A task enters the pipeline (SPEC §3). What it carries depends on ``kind``:
 
@@ -138,16 +142,25 @@ class TaskSubmitted(Frozen):
     """
 
     model_config = _WIRE_ALIASES | ConfigDict(json_schema_extra={"allOf": [
-        # what _kind_problems enforces, stated for producers in other languages (`rmo schema`)
-        {"if": {"properties": {"kind": {"const": "json"}}, "required": ["kind"]},
+        # what _kind_problems enforces, stated for producers in other languages (`rmo schema`,
+        # the HTTP API's OpenAPI document); only "schema must itself be a valid JSON Schema"
+        # is checked by the model alone
+        {"if": _KIND_IS["json"],
          "then": {"required": ["schema"],
                   "properties": {"schema": {"type": "object"},
-                                 "expected": {"type": ["object", "null"]}}}},
-        {"if": {"properties": {"kind": {"const": "text"}}, "required": ["kind"]},
-         "then": {"properties": {"expected": {"type": ["string", "null"]}}}},
+                                 "expected": {"type": ["object", "null"]}}},
+         "else": {"properties": {"schema": {"type": "null"}}}},
+        {"if": _KIND_IS["text"],
+         "then": {"properties": {"expected": {"type": ["string", "null"]},
+                                 "must_match": {"format": "regex"}}},
+         "else": {"properties": {"must_match": {"type": "null"},
+                                 "must_contain": {"type": "null"}}}},
+        {"if": _KIND_IS["code"],
+         "then": {"properties": {"expected": {"type": "null"}}}},
         {"if": {"properties": {"kind": {"const": "code"}, "test": {"type": "string"}},
                 "required": ["kind", "test"]},
-         "then": {"required": ["entry_point"]}},
+         "then": {"required": ["entry_point"],
+                  "properties": {"entry_point": {"type": "string", "minLength": 1}}}},
     ]})
 
     task_id: str = Field(min_length=1, max_length=256)
@@ -156,7 +169,7 @@ class TaskSubmitted(Frozen):
     entry_point: str | None = None
     test: str | None = None
     priority: int = Field(default=3, ge=1, le=10)  # SPEC §3: 1-10
-    budget_tokens: int | None = Field(default=None, ge=1)
+    budget_tokens: int | None = Field(default=None, ge=1, le=10**12)  # a 64-bit field on the wire
     metadata: dict[str, Any] = Field(default_factory=dict)
     json_schema: dict[str, Any] | None = Field(default=None, alias="schema",
                                                description=_SCHEMA_DOC)

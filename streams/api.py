@@ -34,7 +34,7 @@ from aiokafka.errors import KafkaError
 from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import (
@@ -51,10 +51,11 @@ from pydantic import (
 )
 from redis.exceptions import RedisError
 
+from agents.breaker import Command
 from agents.budget import BudgetUsage
 from agents.providers.registry import ProviderConfigError
 from agents.sandbox import SandboxUnavailable
-from models.events import TaskSubmitted
+from models.events import DeadLettered, TaskSubmitted
 from streams import service
 from streams.config import Settings
 
@@ -190,6 +191,40 @@ WRITE = {400: {"model": ErrorBody, "description": "the body is not UTF-8"},
          # Starlette's body limit answers in plain text
          413: {"description": f"body over {MAX_BODY_BYTES:,} bytes",
                "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+class DeadLetter(BaseModel):
+    """One ``DeadLettered`` event: its id (what ``POST /deadletters/{id}/retry`` takes), when
+    and by whom it was produced, and the payload (reason, error type, stage, source
+    topic/partition/offset, original key and value in base64)."""
+
+    event_id: str
+    occurred_at: datetime
+    producer: str
+    payload: DeadLettered
+
+
+class BreakerCommandRequest(BaseModel):
+    """``POST /breakers/{provider}``: force the provider's breaker ``open`` (held until a
+    ``close``), ``close`` it, or ``reset`` it (closed, counters and trips zeroed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: Command
+    reason: str = Field(default="", max_length=500, description="why, shown in rmo breaker list")
+    operator: str = Field(default="", max_length=200, description="who")
+
+
+class Accepted(BaseModel):
+    """A command event the broker acknowledged (202): its id and type; a consumer applies it."""
+
+    event_id: str
+    event_type: str
+
+
+ProviderId = Annotated[str, Path(min_length=1, max_length=256, description="the provider id")]
+Since = Annotated[str | None, Query(description="only events from this time on: RFC 3339 "
+                                                "(2026-01-01T12:00:00Z) or an age (90s, 30m, 2h, 7d)")]
 
 
 # --------------------------------------------------------------------------- app
@@ -396,6 +431,61 @@ def create_app(settings: Settings, token: SecretStr | None) -> FastAPI:
             raise HTTPException(409, str(exc)) from None
         except ProviderConfigError as exc:  # the file changed under a running server
             raise HTTPException(503, str(exc)) from None
+
+    @app.post("/breakers/{provider}", status_code=202, dependencies=write, responses={
+        **WRITE, **UNAVAILABLE, 404: {"model": ErrorBody, "description": "no such provider"}})
+    async def breaker_command(provider: ProviderId, body: BreakerCommandRequest) -> Accepted:
+        """Produce a ``BreakerCommand`` for the provider (202 once the broker acknowledged it);
+        the executor applies it in order with the provider's calls (``GET /breakers`` shows
+        the new state once it has)."""
+        try:
+            event = await service.breaker_command(settings, provider, body.command,
+                                                  reason=body.reason, operator=body.operator)
+        except service.UnknownProvider as exc:
+            raise HTTPException(404, str(exc)) from None
+        except ProviderConfigError as exc:  # the file changed under a running server
+            raise HTTPException(503, str(exc)) from None
+        return Accepted(event_id=event.event_id, event_type=event.event_type)
+
+    @app.get("/deadletters", responses={**UNAVAILABLE})
+    async def dead_letters() -> list[DeadLetter]:
+        """Every dead letter, in log order: why a record could not be processed, and its
+        original bytes."""
+        return [DeadLetter(event_id=e.event_id, occurred_at=e.occurred_at, producer=e.producer,
+                           payload=e.payload) for e in await service.dead_letters(settings)]
+
+    @app.post("/deadletters/{event_id}/retry", dependencies=write, responses={
+        **WRITE, **UNAVAILABLE, 404: {"model": ErrorBody, "description": "no such dead letter"}})
+    async def retry_dead_letter(
+        event_id: Annotated[str, Path(min_length=1, max_length=256,
+                                      description="the dead letter's event id")],
+    ) -> service.Resubmitted:
+        """Produce the dead letter's original key and value to its source topic again,
+        unchanged (after fixing what made it fail); where the broker stored it."""
+        try:
+            return await service.retry_dead_letter(settings, event_id)
+        except service.DeadLetterNotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @app.get("/report", response_model=None, responses={
+        200: {"description": "the report", "content": {"text/html": {"schema": {"type": "string"}}}},
+        **UNAVAILABLE, 400: {"model": ErrorBody, "description": "since is not a time or an age"}})
+    async def report(since: Since = None) -> HTMLResponse:
+        """The self-contained HTML report of the log (what ``rmo report`` writes): summary,
+        providers, learning, breakers, budgets, stage latencies, dead letters, stalls."""
+        from streams.report import parse_since
+
+        try:
+            start = parse_since(since) if since is not None else None
+        except ValueError as exc:
+            raise HTTPException(400, f"since: {exc}") from None
+        try:
+            built = await service.report(settings, since=start)
+        except LookupError as exc:  # a topic is missing: nothing was submitted yet
+            raise HTTPException(503, str(exc)) from None
+        except (OSError, ValueError) as exc:  # the budgets file changed under a running server
+            raise HTTPException(503, f"{settings.budgets_file}: {str(exc).splitlines()[0]}") from None
+        return HTMLResponse(built.page)
 
     @app.get("/health", responses={503: {"model": service.Health,
                                          "description": "a dependency or every worker is down"}})

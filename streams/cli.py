@@ -496,7 +496,7 @@ def report_cmd(
     """Write a self-contained HTML report of the log (no network needed to view it): summary
     (tasks, pass rate, cost, tokens vs budgets), providers' pass rate, cost and latency over
     time, ε and Q-values, breaker timeline, budget use, stage latencies, dead letters, stalls."""
-    from streams.report import build_report, parse_since
+    from streams.report import parse_since
 
     try:
         start = parse_since(since) if since is not None else None
@@ -504,15 +504,15 @@ def report_cmd(
         raise fail(f"--since: {exc}") from None
     with services() as s:
         try:
-            result = asyncio.run(build_report(s, _registry(s), out, since=start,
-                                              budgets_file=_budgets_file(budgets)))
+            result = asyncio.run(service.report(s, since=start, budgets_file=_budgets_file(budgets)))
+            path = result.write(out)
         except (LookupError, OSError) as exc:
             raise fail(str(exc)) from None
     if as_json:
-        typer.echo(json.dumps(result.to_dict()))
+        typer.echo(json.dumps(result.to_dict(path)))
     else:
         empty = f", without data: {', '.join(result.empty)}" if result.empty else ""
-        typer.echo(f"wrote {result.path} ({result.events:,} events, {result.tasks:,} tasks "
+        typer.echo(f"wrote {path} ({result.events:,} events, {result.tasks:,} tasks "
                    f"completed, {len(result.plots)} plots{empty})")
 
 

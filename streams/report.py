@@ -703,12 +703,13 @@ figcaption { color: #555; font-size: 0.85em; } .meta { color: #666; }
 
 
 @dataclass(frozen=True)
-class ReportResult:
-    """What `rmo report` wrote: the file, the window (``since`` None: the whole log), and the
-    counts it was built from; ``plots`` the plot names embedded (:data:`PLOTS`), ``empty``
-    those of them the window had no data for."""
+class Report:
+    """A built report: ``page`` the self-contained HTML, the window (``since`` None: the whole
+    log) and the counts it was built from; ``plots`` the plot names embedded (:data:`PLOTS`),
+    ``empty`` those of them the window had no data for."""
 
-    path: Path
+    namespace: str
+    page: str
     since: datetime | None
     events: int
     tasks: int
@@ -716,8 +717,18 @@ class ReportResult:
     empty: tuple[str, ...] = ()
     """Plots drawn without data ("no … in this window")."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "since": self.since.isoformat() if self.since else None,
+    def write(self, out_dir: Path) -> Path:
+        """Write ``out_dir/rmo-report-{namespace}.html`` (``out_dir`` created if missing);
+        returns the path. Raises OSError when ``out_dir`` cannot be written."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"rmo-report-{self.namespace}.html"
+        path.write_text(self.page, encoding="utf-8")
+        return path
+
+    def to_dict(self, path: Path | None = None) -> dict[str, Any]:
+        """The JSON form without the page; ``path`` where it was written, if it was."""
+        return {"path": str(path) if path else None,
+                "since": self.since.isoformat() if self.since else None,
                 "events": self.events, "tasks": self.tasks, "plots": list(self.plots),
                 "empty": list(self.empty)}
 
@@ -805,24 +816,20 @@ state most rewards were for: {html.escape(state or '-')}.</p>
     return page, tuple(figures), empty
 
 
-async def build_report(settings: Settings, registry: TopicRegistry, out_dir: Path,
+async def build_report(settings: Settings, registry: TopicRegistry,
                        since: datetime | None = None, budgets_file: Path | None = None,
-                       now: datetime | None = None) -> ReportResult:
-    """Read the log (:func:`read_log`) and write ``out_dir/rmo-report-{namespace}.html``
-    (``out_dir`` created if missing). Budget limits from ``budgets_file``, else
-    ``settings.budgets_file``.
+                       now: datetime | None = None) -> Report:
+    """Read the log (:func:`read_log`) and render the report of ``settings.namespace``.
+    Budget limits from ``budgets_file``, else ``settings.budgets_file``.
 
     Raises:
         LookupError: a topic does not exist.
         TimeoutError: the broker reports no high watermark.
-        OSError: ``out_dir`` cannot be written; ValueError: the budgets file is invalid.
+        OSError: the budgets file cannot be read; ValueError: it is invalid.
     """
     lines = load_budgets(budgets_file or settings.budgets_file).budgets
     log = await read_log(settings, registry, since)
     page, plots, empty = render(log, settings.namespace, since, lines, qconfig(settings),
                                 now or datetime.now(UTC))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"rmo-report-{settings.namespace}.html"
-    path.write_text(page, encoding="utf-8")
-    return ReportResult(path=path, since=since, events=log.count,
-                        tasks=len(_completions(log)), plots=plots, empty=empty)
+    return Report(namespace=settings.namespace, page=page, since=since, events=log.count,
+                  tasks=len(_completions(log)), plots=plots, empty=empty)

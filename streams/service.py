@@ -12,7 +12,7 @@ happen), :func:`task_lineage` (``rmo lineage``), :func:`replay` and :func:`reexe
 :func:`live_workers`, :func:`list_providers` and :func:`check_providers` (``rmo providers``),
 :func:`breaker_list` and :func:`breaker_command` (``rmo breaker``), :func:`budget_report`
 (``rmo budget``), :func:`evaluate_policy` (``rmo evaluate-policy``), :func:`rules_report`
-(``rmo rules``). Front-ends: streams/cli.py, streams/api.py (HTTP), streams/mcp_server.py (MCP).
+(``rmo rules``), :func:`report` (``rmo report``). Front-ends: streams/cli.py, streams/api.py (HTTP), streams/mcp_server.py (MCP).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ from streams.topics import load_topics
 
 if TYPE_CHECKING:
     from streams.reexecute import Reexecution
+    from streams.report import Report
 
 SIM_STUB_NOTE = (
     "the answer is a stub (`raise NotImplementedError`): sim providers only answer the tasks "
@@ -962,6 +963,28 @@ async def retry_dead_letter(settings: Settings, dead_letter_id: str) -> Resubmit
         md = await fut
     return Resubmitted(dead_letter_id=dead_letter_id, topic=md.topic, partition=md.partition,
                        offset=md.offset)
+
+
+# --------------------------------------------------------------------------- report
+
+
+async def report(settings: Settings, since: datetime | None = None,
+                 budgets_file: Path | None = None) -> Report:
+    """The self-contained HTML report of ``settings.namespace``'s log (``rmo report``, ``GET
+    /report``; streams/report.py): summary, providers, learning, breakers, budgets, stage
+    latencies, dead letters, stalls. ``since``: only events at or after it; budget limits
+    from ``budgets_file``, else ``settings.budgets_file``.
+
+    Raises:
+        LookupError: a topic does not exist.
+        TimeoutError: the broker reports no high watermark.
+        OSError, ValueError: the budgets file cannot be read or is invalid.
+        ValueError: no Kafka broker is resolved in ``settings``.
+    """
+    from streams.report import build_report  # matplotlib: only the commands that draw load it
+
+    return await build_report(settings, load_topics(settings.namespace, settings.topics_file),
+                              since=since, budgets_file=budgets_file)
 
 
 # --------------------------------------------------------------------------- metrics, health

@@ -23,8 +23,6 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streams.logs import register_secrets
-
 from agents.providers.base import (
     AuthError,
     BadRequest,
@@ -43,6 +41,7 @@ from agents.providers.base import (
 )
 from agents.providers.extract import clean_text, extract_code, extract_json
 from agents.providers.pricing import PriceOverride, Pricer
+from streams.logs import register_secrets
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 """What an environment variable name looks like (POSIX portable names). A value that does

@@ -202,7 +202,10 @@ def test_the_openapi_document_lists_every_operation_and_the_bearer_scheme() -> N
     assert set(doc["paths"]) == {
         "/tasks", "/tasks/{task_id}", "/tasks/{task_id}/lineage", "/tasks/{task_id}/events",
         "/tasks/{task_id}/reexecute", "/providers", "/breakers", "/budgets",
-        "/metrics/summary", "/replay", "/health"}
+        "/metrics/summary", "/replay", "/health", "/breakers/{provider}", "/deadletters",
+        "/deadletters/{event_id}/retry", "/report"}
+    for write in ("/breakers/{provider}", "/deadletters/{event_id}/retry"):
+        assert doc["paths"][write]["post"]["security"] == [{"HTTPBearer": []}]
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert doc["paths"]["/tasks"]["post"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in doc["paths"]["/tasks/{task_id}"]["get"]

@@ -474,3 +474,36 @@ def test_sim_json_answers_come_from_its_reference_file(tmp_path: Path) -> None:
     # without a schema on the request and without a reference, an empty object
     [bare] = asyncio.run(answers(sim(1.0), [json_request_for("x", schema=None)]))
     assert bare == "{}"
+
+
+KIND_CASES = [
+    {"kind": "code", "schema": {"type": "object"}},
+    {"kind": "code", "test": "def check(c): pass"},
+    {"kind": "code", "test": "def check(c): pass", "entry_point": ""},
+    {"kind": "code", "test": "def check(c): pass", "entry_point": "f"},
+    {"kind": "code", "expected": 1},
+    {"kind": "code", "must_match": "a"},
+    {"kind": "code", "schema": None},
+    {"kind": "json"},
+    {"kind": "json", "schema": {"type": "object"}},
+    {"kind": "json", "schema": {"type": "object"}, "expected": "x"},
+    {"kind": "json", "schema": {"type": "object"}, "expected": {"a": 1}},
+    {"kind": "json", "schema": {"type": "object"}, "must_contain": ["a"]},
+    {"kind": "text", "schema": {"type": "object"}},
+    {"kind": "text", "expected": {"a": 1}},
+    {"kind": "text", "expected": "a", "must_match": "^a$", "must_contain": ["a"]},
+]
+
+
+@pytest.mark.parametrize("fields", KIND_CASES, ids=lambda f: json.dumps(f, sort_keys=True))
+def test_the_exported_json_schema_accepts_exactly_what_the_model_accepts(fields: dict) -> None:
+    # producers in other languages (and the API fuzzer) rely on `rmo schema` telling the truth
+    body = {"task_id": "t", "prompt": "p", **fields}
+    schema = TaskSubmitted.model_json_schema()  # the payload part of `rmo schema`
+    by_schema = not list(jsonschema.Draft202012Validator(schema).iter_errors(body))
+    try:
+        TaskSubmitted.model_validate(body)
+        by_model = True
+    except ValidationError:
+        by_model = False
+    assert by_schema == by_model
