@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -102,3 +103,23 @@ def rmo(*args: str, env: dict[str, str], timeout: float = 120.0,
     """Run `rmo` as a user would; returns the finished process (stdout, stderr as text)."""
     return subprocess.run([*rmo_command(), *args], env=env, capture_output=True, text=True,
                           timeout=timeout, input=stdin, check=False)
+
+
+@contextlib.contextmanager
+def llm_server_process(api_key: str) -> Iterator[str]:
+    """The URL of a fake LLM server (tests/fakes/llm_server.py: the OpenAI and Anthropic
+    protocols) run as its own process, accepting ``api_key``; stopped by pid on exit."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.llm_server", "--port", "0",
+                             "--api-key", api_key], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    try:
+        line = proc.stdout.readline()
+        assert "listening on " in line, line
+        yield line.rsplit("listening on ", 1)[1].strip()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
 import secrets
-import signal
 import socket
 import subprocess
 import time
@@ -39,7 +37,7 @@ from models.codec import MAX_VALUE_BYTES
 from streams import embedded
 from streams.api import MAX_BODY_BYTES
 from streams.config import Settings
-from streams.demo import humaneval_tasks
+from streams.demo import humaneval_tasks, stop_worker
 from streams.keys import Keys
 from streams.pipeline import wait_caught_up
 from streams.report import PLOTS
@@ -89,13 +87,7 @@ def serving(env: dict[str, str], tmp: Path, *args: str) -> Iterator[Server]:
             time.sleep(0.2)
         yield Server(url, log, proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_worker(proc)  # SIGTERM to its process group, SIGKILL after 20 s
 
 
 def delete_namespaces(redis_url: str, *patterns: str) -> None:

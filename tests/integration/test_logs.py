@@ -5,7 +5,6 @@ line is made to carry it."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,32 +18,20 @@ from models.events import TaskSubmitted
 from streams.client import EventProducer
 from streams.demo import stop_worker
 from streams.logs import MASK
-from tests.integration.helpers import cli_env, submit, wait_completed
+from tests.integration.helpers import cli_env, llm_server_process, submit, wait_completed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 KEY = "sk-h6-integration-0123456789abcdef"
-KEY_VARIABLE = "H6_LLM_CREDENTIAL"  # matches no *_API_KEY / *_TOKEN pattern: only the worker's
-# registration of its providers' keys can mask it
+KEY_VARIABLE = "H6_LLM_CREDENTIAL"  # matches no *_API_KEY / *_TOKEN pattern: only the
+# registration of a provider's key as it is read can mask it
 
 
 @pytest.fixture(scope="module")
 def llm_server() -> Iterator[str]:
     """URL of a fake LLM server process (tests/fakes/llm_server.py), stopped by pid afterwards."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.llm_server", "--port", "0",
-                             "--api-key", KEY], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
-    try:
-        line = proc.stdout.readline()
-        assert "listening on " in line, line
-        yield line.rsplit("listening on ", 1)[1].strip()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with llm_server_process(KEY) as url:
+        yield url
 
 
 def verbose_worker(env: dict[str, str], log: Path) -> subprocess.Popen:

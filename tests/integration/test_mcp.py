@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -24,7 +23,7 @@ from mcp.client.streamable_http import streamable_http_client
 from redis.asyncio import Redis
 
 from streams.config import Settings
-from streams.demo import humaneval_tasks
+from streams.demo import humaneval_tasks, stop_worker
 from streams.pipeline import wait_caught_up
 from tests.integration.helpers import cli_env, providers_file, rmo_command, sim, worker
 
@@ -158,13 +157,7 @@ def mcp_http(env: dict[str, str], log: Path) -> Iterator[str]:
             time.sleep(0.2)
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_worker(proc)  # SIGTERM to its process group, SIGKILL after 20 s
 
 
 async def test_streamable_http_needs_the_token(settings: Settings, topics, tmp_path: Path) -> None:

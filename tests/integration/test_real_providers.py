@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -24,7 +21,7 @@ from streams.client import read_topic
 from streams.config import Settings
 from streams.embedded import free_port
 from streams.topics import load_topics
-from tests.integration.helpers import cli_env, rmo
+from tests.integration.helpers import cli_env, llm_server_process, rmo
 
 pytestmark = pytest.mark.integration
 
@@ -35,20 +32,8 @@ KEYS = {"FAKE_OPENAI_KEY": KEY, "FAKE_ANTHROPIC_KEY": KEY}
 @pytest.fixture(scope="module")
 def llm_server() -> Iterator[str]:
     """URL of a fake LLM server process (both protocols), stopped by pid afterwards."""
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.llm_server", "--port", "0",
-                             "--api-key", KEY], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
-    try:
-        line = proc.stdout.readline()
-        assert "listening on " in line, line
-        yield line.rsplit("listening on ", 1)[1].strip()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with llm_server_process(KEY) as url:
+        yield url
 
 
 def providers_yaml(tmp_path: Path, openai_base: str, anthropic_base: str,

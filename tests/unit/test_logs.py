@@ -178,21 +178,26 @@ class Acks:
         return ack()
 
 
-async def test_the_stage_runner_binds_stage_and_each_events_ids(json_log, redis_url: str,
-                                                                namespace: str) -> None:
-    settings = Settings(namespace=namespace, redis_url=redis_url)
-    redis = Redis.from_url(redis_url, decode_responses=True)
+async def run_batch(consumer: Consumer, events: list[Envelope], redis_url: str,
+                    namespace: str) -> None:
+    """Run ``events`` as one batch of the tasks topic (partition 0) through ``consumer``."""
     registry = load_topics(namespace)
-    ctx = Context(settings=settings, keys=Keys(namespace), topics=registry, redis=redis,
-                  producer=Acks())
-    events = [make_event(TaskSubmitted(task_id=f"t{i}", kind="code", prompt=p), producer="test")
-              for i, p in enumerate(["def f(): pass", "def g(): pass", "boom"])]
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    ctx = Context(settings=Settings(namespace=namespace, redis_url=redis_url),
+                  keys=Keys(namespace), topics=registry, redis=redis, producer=Acks())
     batch = [Record(registry.name("tasks"), 0, i, e.correlation_id.encode(), encode(e))
              for i, e in enumerate(events)]
     try:
-        await BatchRunner(Logging(), ctx).run(batch)
+        await BatchRunner(consumer, ctx).run(batch)
     finally:
         await redis.aclose()
+
+
+async def test_the_stage_runner_binds_stage_and_each_events_ids(json_log, redis_url: str,
+                                                                namespace: str) -> None:
+    events = [make_event(TaskSubmitted(task_id=f"t{i}", kind="code", prompt=p), producer="test")
+              for i, p in enumerate(["def f(): pass", "def g(): pass", "boom"])]
+    await run_batch(Logging(), events, redis_url, namespace)
     got = lines(json_log)
     handled = {line["task_id"]: line for line in got if line["event"].startswith("handled")}
     assert set(handled) == {"t0", "t1"}
@@ -226,19 +231,9 @@ class Gathering(Consumer):
 
 async def test_a_stage_overriding_process_logs_each_events_ids(json_log, redis_url: str,
                                                                namespace: str) -> None:
-    settings = Settings(namespace=namespace, redis_url=redis_url)
-    redis = Redis.from_url(redis_url, decode_responses=True)
-    registry = load_topics(namespace)
-    ctx = Context(settings=settings, keys=Keys(namespace), topics=registry, redis=redis,
-                  producer=Acks())
     events = [make_event(TaskSubmitted(task_id=f"t{i}", kind="code", prompt="def f(): pass"),
                          producer="test") for i in range(3)]
-    batch = [Record(registry.name("tasks"), 0, i, e.correlation_id.encode(), encode(e))
-             for i, e in enumerate(events)]
-    try:
-        await BatchRunner(Gathering(), ctx).run(batch)
-    finally:
-        await redis.aclose()
+    await run_batch(Gathering(), events, redis_url, namespace)
     got = lines(json_log)
     executed = [line for line in got if line["event"].startswith("executed")]
     assert len(executed) == 3
