@@ -1,15 +1,28 @@
-"""`rmo bench`: throughput and latency figures (a benchmark, not a test).
+"""`rmo bench`: throughput, latency and memory figures (a benchmark, not a test).
 
 Runs on a fresh embedded Tansu (so figures do not depend on what else a broker holds), or on
-the broker ``KAFKA_BOOTSTRAP_SERVERS`` names, and the Redis :mod:`streams.locate` resolves, in a
-throw-away namespace:
+the broker ``KAFKA_BOOTSTRAP_SERVERS`` names, and the Redis :mod:`streams.locate` resolves, in
+throw-away namespaces:
 1. ingest: TaskSubmitted events/s produced the way `rmo submit` does;
-2. end to end: tasks/s through analyzer -> executor -> validator -> learning with ``workers``
-   worker processes (default 2: one per core),
-   an instant sim provider (no latency, no faults) and the sandbox off (validator level syntax);
-   p50/p99 task latency (TaskCompleted.latency_ms: submit to completion);
-3. replay: every projection rebuilt from that run's log into a fresh namespace, events/s;
-4. baseline: the same four hops as a raw aiokafka consume -> produce relay, no logic.
+2. end to end: tasks/s of a burst through analyzer -> executor -> validator -> learning with
+   ``workers`` worker processes (default 2: one per core), an instant sim provider (no latency,
+   no faults), the sandbox off and validator level syntax; p50/p99 task latency
+   (TaskCompleted.latency_ms: submit to completion), which under a burst is mostly queueing;
+3. latency under load: an open-loop load (tasks submitted on a fixed schedule that does not
+   wait for completions) at half the burst's tasks/s for ``load_s`` seconds; p50/p99;
+4. replay: every projection rebuilt from that run's log into a fresh namespace, events/s;
+5. baseline: the same four hops as a raw aiokafka consume -> produce relay, no logic; ``ratio``
+   is end to end over baseline;
+6. in flight: one worker, a sim provider answering after 1 s, 2,000 tasks: tasks/s, which only
+   exceeds 1,000 with at least 1,000 calls in flight;
+7. real validation: HumanEval's 164 problems with an oracle provider, the sandbox of
+   ``RMO_SANDBOX`` and every validator level, seconds from submit to the last completion.
+
+The routing policy of 2-7 is ``random`` over the one provider, so the learning policies'
+feedback window (agents/executor.py ``admit``), which holds decisions back until feedback
+arrives, does not throttle a measurement of capacity. ``soak`` (`rmo bench --soak S`) instead
+runs a steady open-loop load for S seconds and reports the workers' RSS and Redis' memory
+after warm-up and at the end.
 """
 
 from __future__ import annotations
@@ -31,10 +44,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
 from agents.providers.registry import load_providers
-from models.codec import make_event
+from models.codec import encode, make_event
 from models.events import TaskSubmitted
 from streams import embedded, locate
-from streams.client import EventProducer
+from streams.client import EventProducer, high_watermarks
 from streams.config import Settings
 from streams.demo import (
     DemoError,
@@ -51,16 +64,22 @@ from streams.pipeline import build_consumers, wait_caught_up
 from streams.replay import replay
 from streams.topics import create_topics, load_topics
 
-INSTANT_PROVIDER = """providers:
-  - id: instant
+SIM_PROVIDER = """providers:
+  - id: {id}
     kind: sim
     model: grok-4
-    accuracy: 0.8
+    accuracy: {accuracy}
     error_rate: 0.0
     timeout_rate: 0.0
-    latency_ms: {mean: 0, p95: 0}
+    latency_ms: {{mean: {latency}, p95: {latency}}}
 """
 WARMUP_TASKS = 200
+INFLIGHT_TASKS = 2000
+INFLIGHT_LATENCY_MS = 1000
+CAPACITY_ENV = {"RMO_POLICY": "random"}
+"""Worker settings of every capacity figure (module docstring)."""
+WARMUP_S = 60.0
+"""Soak: memory is compared from this many seconds in (caches, pools and buffers filled)."""
 
 
 def bench_tasks(n: int, tag: str) -> list[TaskSubmitted]:
@@ -152,56 +171,222 @@ async def measure_baseline(bootstrap: str, prefix: str, n: int, partitions: int 
     return n / (t1 - t0)
 
 
-async def _bench(n: int, workers: int, log: Path, budgets: Path | None = None) -> dict:
+def _providers(directory: Path, pid: str, accuracy: float, latency_ms: int) -> Path:
+    path = directory / f"{pid}.yaml"
+    path.write_text(SIM_PROVIDER.format(id=pid, accuracy=accuracy, latency=latency_ms))
+    return path
+
+
+async def open_loop(settings: Settings, rate: float, seconds: float, procs: list[subprocess.Popen],
+                    log: Path, tag: str) -> list[float]:
+    """Submit ``rate`` tasks/s for ``seconds`` on a fixed schedule, whatever the pipeline does
+    (an open-loop load: a slow pipeline queues tasks instead of slowing the arrivals, so the
+    latencies include the queueing a real arrival process would see); returns the latency (ms,
+    submit to completion) of each.
+
+    Raises:
+        streams.demo.DemoError: a worker of ``procs`` exited meanwhile.
+    """
+    registry = load_topics(settings.namespace)
+    topic = registry.name("tasks")
+    tasks = bench_tasks(max(1, int(rate * seconds)), tag)
+    start = await high_watermarks(settings.require_kafka(), topic)
+    latencies: list[float] = []
+
+    async def produce() -> None:
+        async with EventProducer(settings.require_kafka()) as producer:
+            acks, sent, t0 = [], 0, time.perf_counter()
+            while sent < len(tasks):
+                due = min(len(tasks), int((time.perf_counter() - t0) * rate) + 1)
+                for t in tasks[sent:due]:
+                    # stamped now: latency_ms counts from this task's scheduled arrival
+                    acks.append(await producer.send(topic, t.task_id.encode(),
+                                                    encode(make_event(t, producer="bench"))))
+                sent = due
+                await asyncio.sleep(0.002)
+            await asyncio.gather(*acks)
+
+    async def follow() -> None:
+        async for p in completions(settings, registry, {t.task_id for t in tasks}, start):
+            latencies.append(p["latency_ms"])
+
+    async def check() -> None:
+        for proc in procs:
+            check_exited(proc, log)
+
+    async def both() -> None:
+        await asyncio.gather(produce(), follow())
+
+    await guarded(both(), check, None)
+    return latencies
+
+
+def _quantiles(latencies: list[float]) -> tuple[float, float]:
+    """(p50, p99) in ms, rounded."""
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return round(statistics.median(latencies), 2), round(q[98], 2)
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Resident set size (MiB) summed over ``pids`` and their children (/proc, Linux)."""
+    total = 0
+    for pid in pids:
+        for p in [pid, *_children(pid)]:
+            try:
+                status = Path(f"/proc/{p}/status").read_text()
+            except OSError:
+                continue
+            total += next((int(line.split()[1]) for line in status.splitlines()
+                           if line.startswith("VmRSS:")), 0)
+    return round(total / 1024, 1)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(c) for c in found]
+
+
+class _Run:
+    """Workers of one measurement: a namespace, its settings and worker processes, stopped
+    and cleaned (Redis keys of the namespace and its replay) by :meth:`close`."""
+
+    def __init__(self, bootstrap: str, redis_url: str, log: Path, providers: Path,
+                 **settings: object) -> None:
+        self.namespace = f"bench{secrets.token_hex(3)}"
+        self.settings = Settings(namespace=self.namespace, kafka_bootstrap_servers=bootstrap,
+                                 redis_url=redis_url, providers_file=providers, **settings)
+        self.log = log
+        self.procs: list[subprocess.Popen] = []
+
+    async def start(self, workers: int, env: dict[str, str] | None = None) -> None:
+        await create_topics(self.settings.require_kafka(), load_topics(self.namespace))
+        self.procs = [spawn_worker(self.settings, self.log, env) for _ in range(workers)]
+        await run_tasks(self.settings, bench_tasks(WARMUP_TASKS, "warmup"), self.procs, self.log)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop_worker(proc)
+        self.procs = []
+
+    async def close(self, redis: Redis) -> None:
+        self.stop()
+        for space in (self.namespace, f"{self.namespace}-replay"):
+            async for key in redis.scan_iter(Keys(space).pattern(), count=1000):
+                await redis.delete(key)
+
+
+async def _bench(n: int, workers: int, log: Path, budgets: Path | None, load_s: float,
+                 soak_s: float | None) -> dict:
     env = Settings()
     # a fresh broker unless the user named one, so figures do not depend on what a broker holds
     kafka = None if env.kafka_bootstrap_servers else embedded.start_kafka()
     found = locate.locate(env.kafka_bootstrap_servers or kafka.address, env.redis_url)
     bootstrap, redis_url = found.bootstrap, found.redis_url
-    ns = f"bench{secrets.token_hex(3)}"
-    providers = Path(tempfile.mkdtemp()) / "instant.yaml"
-    providers.write_text(INSTANT_PROVIDER)
-    settings = Settings(namespace=ns, kafka_bootstrap_servers=bootstrap, redis_url=redis_url,
-                        sandbox="off", validator_levels=("syntax",), providers_file=providers,
-                        budgets_file=budgets)
-    procs = []
+    tmp = Path(tempfile.mkdtemp())
+    instant = _providers(tmp, "instant", 0.8, 0)
+    fast = {"sandbox": "off", "validator_levels": ("syntax",), "budgets_file": budgets}
+    runs: list[_Run] = []
     redis = Redis.from_url(redis_url, decode_responses=True)
+
+    def new_run(providers: Path, **settings: object) -> _Run:
+        runs.append(_Run(bootstrap, redis_url, log, providers, **settings))
+        return runs[-1]
+
     try:
-        ingest = await measure_ingest(bootstrap, f"{ns}.ingest", bench_tasks(n, "ingest"))
-        await create_topics(bootstrap, load_topics(ns))
-        procs = [spawn_worker(settings, log) for _ in range(workers)]
-        await run_tasks(settings, bench_tasks(WARMUP_TASKS, "warmup"), procs, log)
-        tps, lat = await run_tasks(settings, bench_tasks(n, "run"), procs, log)
-        await wait_caught_up(settings, load_topics(ns), redis)
-        for proc in procs:
-            stop_worker(proc)
-        procs = []
-        rebuilt = await replay(settings, load_topics(ns), build_consumers(settings, load_providers(providers)),
-                               redis, f"{ns}-replay")
-        baseline = await measure_baseline(bootstrap, f"{ns}.raw", n)
-        q = statistics.quantiles(lat, n=100)
-        return {"tasks": n, "ingest_events_per_s": round(ingest, 1), "tasks_per_s": round(tps, 1),
-                "p50_ms": round(statistics.median(lat), 2), "p99_ms": round(q[98], 2),
-                "baseline_tasks_per_s": round(baseline, 1), "workers": workers,
-                "replay_events": rebuilt.events, "replay_events_per_s": round(rebuilt.events_per_s, 1),
-                "machine": f"{socket.gethostname()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}"}
+        if soak_s is not None:
+            return await _soak(new_run(instant, **fast), workers, soak_s, redis)
+        main = new_run(instant, **fast)
+        ingest = await measure_ingest(bootstrap, f"{main.namespace}.ingest", bench_tasks(n, "ingest"))
+        await main.start(workers, CAPACITY_ENV)
+        tps, lat = await run_tasks(main.settings, bench_tasks(n, "run"), main.procs, log)
+        loaded = await open_loop(main.settings, tps / 2, load_s, main.procs, log, "load")
+        await wait_caught_up(main.settings, load_topics(main.namespace), redis)
+        main.stop()
+        rebuilt = await replay(main.settings, load_topics(main.namespace),
+                               build_consumers(main.settings, load_providers(instant)),
+                               redis, f"{main.namespace}-replay")
+        baseline = await measure_baseline(bootstrap, f"{main.namespace}.raw", n)
+
+        slow = new_run(_providers(tmp, "slow", 0.8, INFLIGHT_LATENCY_MS), **fast)
+        await slow.start(1, CAPACITY_ENV)
+        inflight, _ = await run_tasks(slow.settings, bench_tasks(INFLIGHT_TASKS, "inflight"),
+                                      slow.procs, log)
+        slow.stop()
+
+        real = new_run(_providers(tmp, "oracle", 1.0, 0), sandbox=env.sandbox)
+        await real.start(workers, CAPACITY_ENV)
+        t0 = time.perf_counter()
+        await run_tasks(real.settings, humaneval_tasks(), real.procs, log)
+        humaneval_s = time.perf_counter() - t0
+        real.stop()
+
+        p50, p99 = _quantiles(lat)
+        p50_load, p99_load = _quantiles(loaded)
+        return {"tasks": n, "workers": workers, "ingest_events_per_s": round(ingest, 1),
+                "tasks_per_s": round(tps, 1), "baseline_tasks_per_s": round(baseline, 1),
+                "ratio": round(tps / baseline, 3), "p50_ms": p50, "p99_ms": p99,
+                "load_tasks_per_s": round(tps / 2, 1), "load_s": load_s,
+                "p50_ms_at_half_load": p50_load, "p99_ms_at_half_load": p99_load,
+                "replay_events": rebuilt.events,
+                "replay_events_per_s": round(rebuilt.events_per_s, 1),
+                "inflight_tasks_per_s": round(inflight, 1),
+                "humaneval_sandbox_s": round(humaneval_s, 2), "sandbox": real.settings.sandbox,
+                "machine": _machine()}
     finally:
-        for proc in procs:
-            stop_worker(proc)
-        for space in (ns, f"{ns}-replay"):
-            async for key in redis.scan_iter(Keys(space).pattern(), count=1000):
-                await redis.delete(key)
+        for run in runs:
+            await run.close(redis)
         await redis.aclose()
         for handle in [*found.temporary, *([kafka] if kafka else [])]:
             handle.stop()
 
 
-def run_bench(*, tasks: int, workers: int, as_json: bool, budgets: Path | None = None) -> int:
+async def _soak(run: _Run, workers: int, seconds: float, redis: Redis) -> dict:
+    """Steady open-loop load at half the burst rate for ``seconds``; memory after
+    :data:`WARMUP_S` and at the end (module docstring)."""
+    await run.start(workers, CAPACITY_ENV)
+    tps, _ = await run_tasks(run.settings, bench_tasks(2000, "rate"), run.procs, run.log)
+    samples: list[tuple[float, float, float]] = []  # (s since start, workers' RSS MiB, Redis MiB)
+    t0 = time.perf_counter()
+
+    async def sample() -> None:
+        while True:
+            info = await redis.info("memory")
+            samples.append((round(time.perf_counter() - t0, 1), rss_mb([p.pid for p in run.procs]),
+                            round(info["used_memory"] / 2**20, 1)))
+            await asyncio.sleep(10)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        latencies = await open_loop(run.settings, tps / 2, seconds, run.procs, run.log, "soak")
+    finally:
+        sampler.cancel()
+    warm = next((x for x in samples if x[0] >= WARMUP_S), samples[0])
+    end = samples[-1]
+    p50, p99 = _quantiles(latencies)
+    return {"soak_s": seconds, "workers": workers, "tasks_per_s": round(tps / 2, 1),
+            "tasks": len(latencies), "p50_ms": p50, "p99_ms": p99,
+            "rss_mb_after_warmup": warm[1], "rss_mb_end": end[1],
+            "rss_growth_pct": round(100 * (end[1] - warm[1]) / warm[1], 1) if warm[1] else None,
+            "redis_mb_after_warmup": warm[2], "redis_mb_end": end[2],
+            "redis_growth_pct": round(100 * (end[2] - warm[2]) / warm[2], 1) if warm[2] else None,
+            "samples": samples, "machine": _machine()}
+
+
+def _machine() -> str:
+    return f"{socket.gethostname()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}"
+
+
+def run_bench(*, tasks: int, workers: int, as_json: bool, budgets: Path | None = None,
+              load_s: float = 60.0, soak_s: float | None = None) -> int:
     """Entry point of `rmo bench`; prints the figures, returns the exit code. ``budgets``: a
-    budgets file the workers run under."""
+    budgets file the workers run under; ``load_s``: length of the open-loop load (s);
+    ``soak_s``: run the soak instead (module docstring)."""
     log = Path(tempfile.gettempdir()) / "rmo-bench-worker.log"
     try:
-        result = asyncio.run(_bench(tasks, workers, log, budgets))
+        result = asyncio.run(_bench(tasks, workers, log, budgets, load_s, soak_s))
     except DemoError as exc:
         print(f"error: {exc}", *exc.detail, sep="\n", file=sys.stderr)
         return exc.exit_code
