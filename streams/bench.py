@@ -30,12 +30,14 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -249,6 +251,68 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in found]
 
 
+class Profiler:
+    """py-spy (a sampling profiler that attaches to a running process by pid, no restart, no
+    code change: https://github.com/benfred/py-spy) recording every worker of a run into
+    ``directory/worker-{pid}.txt`` as collapsed stacks (one ``frame;frame;... count`` line
+    per distinct stack, Brendan Gregg's format, which flamegraph tools read), from
+    :meth:`start` to :meth:`stop`."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, pids: list[int]) -> None:
+        """Attach to ``pids`` (py-spy must be installed: the test extra has it).
+
+        Raises:
+            DemoError: py-spy is not on PATH next to this Python.
+        """
+        exe = Path(sys.executable).with_name("py-spy")
+        if not exe.exists():
+            raise DemoError(f"--profile needs py-spy: {exe} is missing (pip install py-spy)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for pid in pids:
+            out = self.directory / f"worker-{pid}.txt"
+            self.procs.append(subprocess.Popen(
+                [str(exe), "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+                 "--nonblocking", "--output", str(out)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def stop(self) -> list[Path]:
+        """Stop recording (SIGINT makes py-spy write its file); returns the files written."""
+        for proc in self.procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return sorted(self.directory.glob("worker-*.txt"))
+
+
+def top_frames(files: list[Path], n: int = 25) -> list[tuple[str, float, float]]:
+    """The ``n`` frames with the most inclusive samples over the collapsed-stack ``files``:
+    (frame, inclusive %, self %), % of all samples. A frame counts once per stack however
+    often it recurs in it."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for path in files:
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            k = int(count)
+            frames = stack.split(";")
+            total += k
+            own[frames[-1]] += k
+            for frame in set(frames):
+                inclusive[frame] += k
+    return [(f, round(100 * c / total, 1), round(100 * own[f] / total, 1))
+            for f, c in inclusive.most_common(n)] if total else []
+
+
 class _Run:
     """Workers of one measurement: a namespace, its settings and worker processes, stopped
     and cleaned (Redis keys of the namespace and its replay) by :meth:`close`."""
@@ -279,7 +343,7 @@ class _Run:
 
 
 async def _bench(n: int, workers: int, log: Path, budgets: Path | None, load_s: float,
-                 soak_s: float | None) -> dict:
+                 soak_s: float | None, profile: Path | None = None) -> dict:
     env = Settings()
     # a fresh broker unless the user named one, so figures do not depend on what a broker holds
     kafka = None if env.kafka_bootstrap_servers else embedded.start_kafka()
@@ -301,7 +365,11 @@ async def _bench(n: int, workers: int, log: Path, budgets: Path | None, load_s: 
         main = new_run(instant, **fast)
         ingest = await measure_ingest(bootstrap, f"{main.namespace}.ingest", bench_tasks(n, "ingest"))
         await main.start(workers, CAPACITY_ENV)
+        profiler = Profiler(profile) if profile else None
+        if profiler:
+            profiler.start([p.pid for p in main.procs])
         tps, lat = await run_tasks(main.settings, bench_tasks(n, "run"), main.procs, log)
+        profiled = top_frames(profiler.stop()) if profiler else None
         loaded = await open_loop(main.settings, tps / 2, load_s, main.procs, log, "load")
         await wait_caught_up(main.settings, load_topics(main.namespace), redis)
         main.stop()
@@ -334,7 +402,8 @@ async def _bench(n: int, workers: int, log: Path, budgets: Path | None, load_s: 
                 "replay_events_per_s": round(rebuilt.events_per_s, 1),
                 "inflight_tasks_per_s": round(inflight, 1),
                 "humaneval_sandbox_s": round(humaneval_s, 2), "sandbox": real.settings.sandbox,
-                "machine": _machine()}
+                "machine": _machine(),
+                **({"profile": str(profile), "top_frames": profiled} if profile else {})}
     finally:
         for run in runs:
             await run.close(redis)
@@ -380,13 +449,15 @@ def _machine() -> str:
 
 
 def run_bench(*, tasks: int, workers: int, as_json: bool, budgets: Path | None = None,
-              load_s: float = 60.0, soak_s: float | None = None) -> int:
+              load_s: float = 60.0, soak_s: float | None = None,
+              profile: Path | None = None) -> int:
     """Entry point of `rmo bench`; prints the figures, returns the exit code. ``budgets``: a
     budgets file the workers run under; ``load_s``: length of the open-loop load (s);
-    ``soak_s``: run the soak instead (module docstring)."""
+    ``soak_s``: run the soak instead (module docstring); ``profile``: a directory for py-spy
+    recordings of the workers during the burst (:class:`Profiler`)."""
     log = Path(tempfile.gettempdir()) / "rmo-bench-worker.log"
     try:
-        result = asyncio.run(_bench(tasks, workers, log, budgets, load_s, soak_s))
+        result = asyncio.run(_bench(tasks, workers, log, budgets, load_s, soak_s, profile))
     except DemoError as exc:
         print(f"error: {exc}", *exc.detail, sep="\n", file=sys.stderr)
         return exc.exit_code
@@ -394,5 +465,10 @@ def run_bench(*, tasks: int, workers: int, as_json: bool, budgets: Path | None =
         print(orjson.dumps(result).decode())
     else:
         for k, v in result.items():
-            print(f"{k:22} {v}")
+            if k == "top_frames":
+                print("top frames during the burst (inclusive %, self %):")
+                for frame, inclusive, own in v:
+                    print(f"  {inclusive:5.1f} {own:5.1f}  {frame}")
+            elif k != "samples":
+                print(f"{k:22} {v}")
     return 0

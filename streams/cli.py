@@ -759,6 +759,7 @@ def bench(
     workers: Annotated[int, typer.Option(help="Worker processes for the end-to-end runs.")] = 2,
     load_s: Annotated[float, typer.Option("--load-s", min=1, help="Seconds of the open-loop load at half the burst's tasks/s.")] = 60.0,
     soak: Annotated[float | None, typer.Option("--soak", min=1, help="Instead: a steady open-loop load for this many seconds, with the workers' RSS and Redis memory after 60 s and at the end.")] = None,
+    profile: Annotated[Path | None, typer.Option("--profile", help="Record the workers with py-spy during the burst into this directory (collapsed stacks) and print the top frames.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     budgets: BudgetsOption = None,
 ) -> None:
@@ -772,7 +773,8 @@ def bench(
 
     typer.echo("benchmarking (about 3 minutes; --json prints one line at the end)", err=True)
     raise typer.Exit(run_bench(tasks=tasks, workers=workers, as_json=as_json,
-                               budgets=_budgets_file(budgets), load_s=load_s, soak_s=soak))
+                               budgets=_budgets_file(budgets), load_s=load_s, soak_s=soak,
+                               profile=profile))
 
 
 def _seeds(text: str) -> list[int]:
