@@ -460,8 +460,9 @@ def create_app(settings: Settings, token: SecretStr | None) -> FastAPI:
         event_id: Annotated[str, Path(min_length=1, max_length=256,
                                       description="the dead letter's event id")],
     ) -> service.Resubmitted:
-        """Produce the dead letter's original key and value to its source topic again,
-        unchanged (after fixing what made it fail); where the broker stored it."""
+        """Produce the dead letter's record to its source topic again (after fixing what made
+        it fail): an event a stage raised on as a copy with an id of its own (``event_id``),
+        other bytes unchanged; where the broker stored it."""
         try:
             return await service.retry_dead_letter(settings, event_id)
         except service.DeadLetterNotFound as exc:

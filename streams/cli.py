@@ -606,7 +606,7 @@ def lineage_cmd(
 
 @app.command("deadletter")
 def deadletter_cmd(
-    retry: Annotated[str | None, typer.Option("--retry", help="Re-produce this dead letter's original record to its source topic.")] = None,
+    retry: Annotated[str | None, typer.Option("--retry", help="Re-produce this dead letter's record to its source topic (an event as a copy with its own id, other bytes unchanged).")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List dead-lettered records (reason, stage, source topic/partition/offset), or retry one."""
@@ -616,7 +616,8 @@ def deadletter_cmd(
                 r = asyncio.run(service.retry_dead_letter(s, retry))
             except service.DeadLetterNotFound as exc:
                 raise fail(f"{exc}; list them with `rmo deadletter`") from None
-            typer.echo(f"re-submitted {retry} to {r.topic}[{r.partition}]@{r.offset}")
+            what = f" as event {r.event_id}" if r.event_id else ""
+            typer.echo(f"re-submitted {retry} to {r.topic}[{r.partition}]@{r.offset}{what}")
             return
         letters = asyncio.run(service.dead_letters(s))
     if not letters:

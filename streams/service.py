@@ -44,9 +44,11 @@ from models.codec import (
     MAX_VALUE_BYTES,
     CodecError,
     decode,
+    derive_event_id,
     describe_validation,
     encode,
     make_event,
+    utcnow,
 )
 from models.events import BreakerCommand, Envelope, TaskSubmitted
 from streams import liveness, policy_eval
@@ -936,17 +938,30 @@ async def dead_letters(settings: Settings) -> list[Envelope]:
 
 @dataclass(frozen=True)
 class Resubmitted:
-    """A dead letter's original record produced again: where the broker acknowledged it."""
+    """A dead letter's record produced again: where the broker acknowledged it, and
+    ``event_id``, the id of the copy when the record was an event (None: the original bytes,
+    which were not an event, went back as they were)."""
 
     dead_letter_id: str
     topic: str
     partition: int
     offset: int
+    event_id: str | None = None
+
+
+RETRY_PRODUCER = "deadletter.retry"
 
 
 async def retry_dead_letter(settings: Settings, dead_letter_id: str) -> Resubmitted:
-    """Produce the original key and value of dead letter ``dead_letter_id`` (its event id) to
-    its source topic again, unchanged.
+    """Produce dead letter ``dead_letter_id``'s record (its event id) to its source topic
+    again, after fixing what made it fail, with its original key.
+
+    A record that was not an event (not JSON, not an envelope, a failed schema) goes back
+    byte for byte. An event that a stage raised on goes back as a copy with an id of its own
+    (``derive_event_id(dead_letter_id, "deadletter.retry")``, caused by the dead letter, time
+    now): the consumer recorded the original id as applied (streams/stage.py step 3), so an
+    identical copy would be dropped unseen. The derived id makes retrying the same dead letter
+    twice idempotent; a copy that fails again is a new dead letter, retried by its own id.
 
     Raises:
         DeadLetterNotFound: no dead letter has that id.
@@ -956,13 +971,24 @@ async def retry_dead_letter(settings: Settings, dead_letter_id: str) -> Resubmit
     if not match:
         raise DeadLetterNotFound(f"no dead letter {dead_letter_id!r}")
     p = match[-1].payload
+    value = base64.b64decode(p.original_value_b64)
+    copy_id = None
+    if not p.original_truncated:
+        try:
+            original = decode(value, max_bytes=None)
+        except CodecError:
+            original = None  # never had an event id: no consumer can have recorded one
+        if original is not None:
+            copy_id = derive_event_id(dead_letter_id, RETRY_PRODUCER)
+            value = encode(original.model_copy(update={
+                "event_id": copy_id, "causation_id": dead_letter_id, "occurred_at": utcnow()}))
     async with EventProducer(settings.require_kafka()) as producer:
         fut = await producer.send(p.source_topic,
                                   base64.b64decode(p.original_key_b64) if p.original_key_b64 else None,
-                                  base64.b64decode(p.original_value_b64))
+                                  value)
         md = await fut
     return Resubmitted(dead_letter_id=dead_letter_id, topic=md.topic, partition=md.partition,
-                       offset=md.offset)
+                       offset=md.offset, event_id=copy_id)
 
 
 # --------------------------------------------------------------------------- report

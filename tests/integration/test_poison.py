@@ -195,11 +195,33 @@ async def test_poison_records_are_dead_lettered_and_the_pipeline_keeps_flowing(s
             assert len(again) == 1 and again[0].event_id != first.event_id
             assert again[0].payload.error_type == "not_json"
             assert again[0].payload.original_value_b64 == first.payload.original_value_b64
+
+            # retry the event the executor raised on: the executor had recorded its id as
+            # applied, so the retry is a copy with an id of its own, which the executor runs
+            # (and, the event being still headless, dead-letters again); a second retry of the
+            # same dead letter is the same copy, which the executor drops as already applied
+            raised = find_letter(letters, sent["raises"])[0]
+            for _ in range(2):
+                out = rmo(s, "deadletter", "--retry", raised.event_id)
+                assert out.returncode == 0, out.stderr
+                m = re.search(r"re-submitted \S+ to (\S+)\[(\d+)\]@(\d+) as event (\w+)", out.stdout)
+                assert m and m.group(1) == analyses_topic, out.stdout
+            copy_id = m.group(4)
+            assert copy_id != orjson.loads(base64.b64decode(raised.payload.original_value_b64))["event_id"]
+
+            async def copy_letters() -> list[Envelope]:
+                return [e for e in await dead_letters(s, topics) if e.payload.stage == "executor"
+                        and orjson.loads(base64.b64decode(e.payload.original_value_b64))["event_id"] == copy_id]
+
+            (retried,) = await eventually(copy_letters)
+            assert retried.payload.error_type == "ValueError"
+            assert "TaskAnalyzed without its task" in retried.payload.reason
             assert await wait_caught_up(s, topics, redis, timeout_s=30)
+            assert len(await copy_letters()) == 1  # the second retry was dropped, not run again
 
         letters_before = await count_records(s, topics, "deadletter")
         completions_before = await count_records(s, topics, "tasks")
-        assert letters_before == len(poison) + 1
+        assert letters_before == len(poison) + 2
 
         # a restarted worker on the same namespace: it consumes new work, but nothing it
         # had already dead-lettered is dead-lettered again
