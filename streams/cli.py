@@ -772,7 +772,8 @@ def bench(
     budgets. Prints as it finishes (about 3 minutes)."""
     from streams.bench import run_bench
 
-    typer.echo("benchmarking (about 3 minutes; --json prints one line at the end)", err=True)
+    took = f"{soak:.0f} s of load after a warm-up" if soak else "about 3 minutes"
+    typer.echo(f"benchmarking ({took}; --json prints one line at the end)", err=True)
     raise typer.Exit(run_bench(tasks=tasks, workers=workers, as_json=as_json,
                                budgets=_budgets_file(budgets), load_s=load_s, soak_s=soak,
                                profile=profile))
