@@ -283,6 +283,7 @@ class ExecutorStage(Consumer):
         self.forced_actions = forced_actions or {}
         self.providers = providers
         self.settings = settings
+        self.batch_max = settings.executor_batch_max  # the calls in flight per batch
         self.sleep = sleep
         self.actions = build_actions(list(providers), settings.strategies,
                                      {p: blended_price(prov) for p, prov in providers.items()})

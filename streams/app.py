@@ -70,7 +70,7 @@ def create_app(settings: Settings, registry: TopicRegistry, consumers: list[Cons
         producer_linger=0.0,  # acks are awaited per batch: lingering only adds latency
         producer_max_batch_size=1 << 20,
         producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,  # dead letters of 1 MB records
-        stream_buffer_maxsize=max(4 * settings.batch_max, 4096),
+        stream_buffer_maxsize=max(4 * max(batch_limit(c, settings) for c in consumers), 4096),
         broker_commit_every=1000,
         broker_commit_interval=1.0,
         datadir=os.path.join(tempfile.gettempdir(), f"rmo-faust-{settings.namespace}"),
@@ -84,6 +84,12 @@ def create_app(settings: Settings, registry: TopicRegistry, consumers: list[Cons
     return app
 
 
+def batch_limit(consumer: Consumer, settings: Settings) -> int:
+    """Most records in one of ``consumer``'s batches: its own ``batch_max`` (the executor's
+    is ``RMO_EXECUTOR_BATCH_MAX``) or ``RMO_BATCH_MAX``."""
+    return consumer.batch_max or settings.batch_max
+
+
 def _add_agent(app: faust.App, consumer: Consumer, ctx: Context, settings: Settings) -> None:
     topic = app.topic(ctx.topics.name(consumer.source), value_type=bytes, value_serializer="raw",
                       key_type=bytes, key_serializer="raw",
@@ -91,7 +97,8 @@ def _add_agent(app: faust.App, consumer: Consumer, ctx: Context, settings: Setti
     runner = BatchRunner(consumer, ctx)
 
     async def agent(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(settings.batch_max, settings.batch_within_s):
+        async for events in stream.take_events(batch_limit(consumer, settings),
+                                               settings.batch_within_s):
             records = [Record(e.message.topic, e.message.partition, e.message.offset,
                               e.message.key, e.message.value) for e in events]
             while records:  # Faust acks the delivery once every part of it is applied

@@ -13,8 +13,9 @@ throw-away namespaces:
 4. replay: every projection rebuilt from that run's log into a fresh namespace, events/s;
 5. baseline: the same four hops as a raw aiokafka consume -> produce relay, no logic; ``ratio``
    is end to end over baseline;
-6. in flight: one worker, a sim provider answering after 1 s, 2,000 tasks: tasks/s, which only
-   exceeds 1,000 with at least 1,000 calls in flight;
+6. in flight: one worker, a sim provider answering after 1 s, 2,000 tasks, executor batches of
+   up to 2,000 (``RMO_EXECUTOR_BATCH_MAX``): tasks/s, which only exceeds 1,000 with at least
+   1,000 calls in flight;
 7. real validation: HumanEval's 164 problems with an oracle provider, the sandbox of
    ``RMO_SANDBOX`` and every validator level, seconds from submit to the last completion.
 
@@ -379,7 +380,8 @@ async def _bench(n: int, workers: int, log: Path, budgets: Path | None, load_s: 
         baseline = await measure_baseline(bootstrap, f"{main.namespace}.raw", n)
 
         slow = new_run(_providers(tmp, "slow", 0.8, INFLIGHT_LATENCY_MS), **fast)
-        await slow.start(1, CAPACITY_ENV)
+        # one batch may hold every task: its calls are what is in flight
+        await slow.start(1, {**CAPACITY_ENV, "RMO_EXECUTOR_BATCH_MAX": str(INFLIGHT_TASKS)})
         inflight, _ = await run_tasks(slow.settings, bench_tasks(INFLIGHT_TASKS, "inflight"),
                                       slow.procs, log)
         slow.stop()

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     # Kafka consumer tuning. Tansu's first JoinGroup waits session_timeout/2 (SPEC §2).
     session_timeout_s: float = 6.0
     batch_max: int = 1000
+    # records per executor batch (None: batch_max). A batch's provider calls run concurrently,
+    # so with slow providers this is the calls in flight per worker (`rmo bench` in flight)
+    executor_batch_max: int | None = Field(default=None, ge=1)
     batch_within_s: float = 0.05
     fetch_max_wait_ms: int = 20
 

@@ -160,6 +160,8 @@ class Consumer:
     source: str = "tasks"
     handles: frozenset[str] = frozenset()
     projections: tuple[Projection, ...] = ()
+    batch_max: int | None = None
+    """Most records per batch (None: ``Settings.batch_max``)."""
 
     async def process(self, events: Sequence[Envelope], tx: Tx) -> None:
         """Run the stage on the events of a handled type, concurrently; a raising event is

@@ -457,3 +457,15 @@ async def test_permits_held_elsewhere_block_the_half_open_provider(h: Harness) -
     assert of(out, "ProviderSelected")[0].skipped_open == ["trial"]
     assert trial.requests == [] and of(out, "FallbackSelected") == []
     assert executed(out).chosen is None
+
+
+def test_the_executor_batch_is_its_own_setting_and_the_others_use_batch_max() -> None:
+    from streams.app import batch_limit
+    from streams.pipeline import build_consumers
+
+    providers = {"a": Scripted("a", "x")}
+    for own, expected in ((None, 700), (5000, 5000)):
+        settings = Settings(batch_max=700, executor_batch_max=own)
+        limits = {c.name: batch_limit(c, settings) for c in build_consumers(settings, providers)}
+        assert limits.pop("executor") == expected
+        assert set(limits.values()) == {700}  # every other consumer keeps RMO_BATCH_MAX
