@@ -39,7 +39,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -107,20 +109,9 @@ async def run_tasks(settings: Settings, tasks: list[TaskSubmitted], procs: list[
         streams.demo.DemoError: a worker process of ``procs`` exited meanwhile (the end of
             ``log`` is in the error), instead of waiting for tasks nobody will complete.
     """
-    registry = load_topics(settings.namespace)
-    latencies: list[float] = []
-
-    async def follow() -> None:
-        async for p in completions(settings, registry, {t.task_id for t in tasks}, start):
-            latencies.append(p["latency_ms"])
-
-    async def check() -> None:
-        for proc in procs:
-            check_exited(proc, log)
-
     t0 = time.perf_counter()
-    start = await submit_tasks(settings, registry, tasks, "bench")
-    await guarded(follow(), check, None)
+    start = await submit_tasks(settings, load_topics(settings.namespace), tasks, "bench")
+    latencies = await _completed(settings, tasks, start, procs, log)
     return len(tasks) / (time.perf_counter() - t0), latencies
 
 
@@ -180,6 +171,35 @@ def _providers(directory: Path, pid: str, accuracy: float, latency_ms: int) -> P
     return path
 
 
+async def _completed(settings: Settings, tasks: list[TaskSubmitted], start: dict[int, int],
+                     procs: list[subprocess.Popen], log: Path,
+                     arrivals: Coroutine[Any, Any, None] | None = None) -> list[float]:
+    """The latency (ms, submit to completion) of each of ``tasks``, from their completions on
+    the tasks topic at or after ``start`` (partition -> offset); ``arrivals``, the coroutine
+    producing them, runs alongside.
+
+    Raises:
+        streams.demo.DemoError: a worker of ``procs`` exited meanwhile (the end of ``log`` is
+            in the error), instead of waiting for tasks nobody will complete.
+    """
+    registry = load_topics(settings.namespace)
+    latencies: list[float] = []
+
+    async def follow() -> None:
+        async for p in completions(settings, registry, {t.task_id for t in tasks}, start):
+            latencies.append(p["latency_ms"])
+
+    async def check() -> None:
+        for proc in procs:
+            check_exited(proc, log)
+
+    async def both() -> None:
+        await asyncio.gather(follow(), *([arrivals] if arrivals else []))
+
+    await guarded(both(), check, None)
+    return latencies
+
+
 async def open_loop(settings: Settings, rate: float, seconds: float, procs: list[subprocess.Popen],
                     log: Path, tag: str) -> list[float]:
     """Submit ``rate`` tasks/s for ``seconds`` on a fixed schedule, whatever the pipeline does
@@ -194,7 +214,6 @@ async def open_loop(settings: Settings, rate: float, seconds: float, procs: list
     topic = registry.name("tasks")
     tasks = bench_tasks(max(1, int(rate * seconds)), tag)
     start = await high_watermarks(settings.require_kafka(), topic)
-    latencies: list[float] = []
 
     async def produce() -> None:
         async with EventProducer(settings.require_kafka()) as producer:
@@ -209,19 +228,7 @@ async def open_loop(settings: Settings, rate: float, seconds: float, procs: list
                 await asyncio.sleep(0.002)
             await asyncio.gather(*acks)
 
-    async def follow() -> None:
-        async for p in completions(settings, registry, {t.task_id for t in tasks}, start):
-            latencies.append(p["latency_ms"])
-
-    async def check() -> None:
-        for proc in procs:
-            check_exited(proc, log)
-
-    async def both() -> None:
-        await asyncio.gather(produce(), follow())
-
-    await guarded(both(), check, None)
-    return latencies
+    return await _completed(settings, tasks, start, procs, log, produce())
 
 
 def _quantiles(latencies: list[float]) -> tuple[float, float]:
