@@ -65,6 +65,9 @@ MAX_BODY_BYTES = 1 << 20
 """Largest request body accepted, in bytes (1 MiB): one task record may hold up to
 :data:`models.codec.MAX_VALUE_BYTES` (1,000,000 bytes) plus its JSON framing."""
 
+MAX_OFFSET = 2**63 - 1
+"""The largest Kafka offset (an int64 on the wire)."""
+
 T = TypeVar("T")
 TOKEN_VARIABLE = "RMO_API_TOKEN"
 LOOPBACK_NAMES = ("localhost",)
@@ -132,7 +135,8 @@ class ReplayRequest(BaseModel):
                                "from_time": {"type": "string"}}}})
 
     # strict: a "5" or a 0 must not pass as an offset or a boolean the schema refuses
-    from_offset: StrictInt | None = Field(default=None, ge=0,
+    # a Kafka offset is a signed 64-bit integer: a larger one cannot be sent (found by fuzzing)
+    from_offset: StrictInt | None = Field(default=None, ge=0, le=MAX_OFFSET,
                                     description="start every partition at this offset")
     from_time: datetime | None = Field(
         default=None, description="skip events that occurred before this time (RFC 3339; "

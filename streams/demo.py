@@ -346,14 +346,16 @@ async def _run(settings: Settings, providers: dict[str, Provider], limit: int | 
     try:
         running = await liveness.live_workers(redis, keys)
         wanted = fingerprint(providers)
-        others = [w for w in running if w.fingerprint != wanted]
+        # the figures the demo prints are the running worker's: its providers and its policy
+        others = [w for w in running
+                  if w.fingerprint != wanted or (w.policy and w.policy != settings.policy)]
         if others:
             source = settings.providers_file or "defaults"
             raise DemoError(
                 f"a worker already runs in namespace {settings.namespace} ({others[0].describe()}) "
                 f"but this demo asks for providers {', '.join(providers)} ({source}, seed "
-                f"{settings.seed}): stop that worker, give the demo its providers, or use another "
-                "namespace (RMO_NAMESPACE)", exit_code=2)
+                f"{settings.seed}), policy {settings.policy}: stop that worker, give the demo its "
+                "providers and RMO_POLICY, or use another namespace (RMO_NAMESPACE)", exit_code=2)
         if running:
             console.print(f"using the worker already running in namespace {settings.namespace} "
                           f"({running[0].describe()})")

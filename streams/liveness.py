@@ -37,7 +37,9 @@ class Heartbeat:
     same ids but other settings differ. ``providers_source``: the providers file, or
     ``defaults``. ``state``: ``joining`` until its consumer group's first rebalance completed,
     then ``running``. ``metrics_port``: the port of its Prometheus exposition
-    (streams/prometheus.py), None when it serves none. Times are RFC 3339 UTC.
+    (streams/prometheus.py), None when it serves none. ``policy``: its routing policy
+    (``RMO_POLICY``; "" in heartbeats of versions that did not announce it). Times are RFC
+    3339 UTC.
     """
 
     host: str
@@ -49,15 +51,17 @@ class Heartbeat:
     state: WorkerState = "joining"
     seen_at: str = ""
     metrics_port: int | None = None
+    policy: str = ""
 
     @property
     def worker_id(self) -> str:
         return f"{self.host}:{self.pid}"
 
     def describe(self) -> str:
-        """E.g. ``pid 4242 on host h, providers grok, claude (defaults)``."""
+        """E.g. ``pid 4242 on host h, providers grok, claude (defaults), policy thompson``."""
+        policy = f", policy {self.policy}" if self.policy else ""
         return (f"pid {self.pid} on host {self.host}, providers {', '.join(self.providers)} "
-                f"({self.providers_source})")
+                f"({self.providers_source}){policy}")
 
     def to_json(self) -> bytes:
         return orjson.dumps(asdict(self))

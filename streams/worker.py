@@ -64,7 +64,7 @@ def worker_heartbeat(settings: Settings, providers: dict[str, Provider],
     return Heartbeat(host=liveness.HOST, pid=os.getpid(), started_at=datetime.now(UTC).isoformat(),
                      providers=tuple(providers), fingerprint=fingerprint(providers),
                      providers_source=str(settings.providers_file or "defaults"),
-                     metrics_port=metrics_port)
+                     metrics_port=metrics_port, policy=settings.policy)
 
 
 def run_worker(settings: Settings, loglevel: str = "warn") -> None:

@@ -12,11 +12,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from redis.asyncio import Redis
+
 from models.codec import CodecError, decode, make_event
 from models.events import Envelope, TaskSubmitted
 from streams.client import EventProducer, read_topic
 from streams.config import Settings
 from streams.demo import spawn_worker, stop_worker
+from streams.keys import Keys
 from streams.topics import TopicRegistry
 
 
@@ -67,7 +70,25 @@ async def wait_completed(settings: Settings, registry: TopicRegistry, ids: set[s
             return done
         await asyncio.sleep(0.5)
     tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise AssertionError(f"{len(done)}/{len(ids)} completed in {timeout_s} s\n{tail}")
+    missing = sorted(ids - set(done))[:5]
+    raise AssertionError(f"{len(done)}/{len(ids)} completed in {timeout_s} s; where the first "
+                         f"missing ones are: {await _where(settings, registry, missing)}\n{tail}")
+
+
+async def _where(settings: Settings, registry: TopicRegistry, task_ids: list[str]) -> dict:
+    """For a failing wait: each task's projected status and the event types the log holds
+    for it (which stage it reached)."""
+    redis = Redis.from_url(settings.require_redis(), decode_responses=True)
+    try:
+        status = {t: await redis.hgetall(Keys(settings.namespace).task(t)) for t in task_ids}
+    finally:
+        await redis.aclose()
+    seen: dict[str, list[str]] = {t: [] for t in task_ids}
+    for role in ("tasks", "analyses", "decisions", "calls", "executions", "validations", "rewards"):
+        for e in await events(settings, registry, role):
+            if getattr(e.payload, "task_id", None) in seen:
+                seen[e.payload.task_id].append(f"{role}:{e.event_type}")
+    return {t: {"status": status[t], "events": seen[t]} for t in task_ids}
 
 
 async def eventually(probe, timeout_s: float = 20.0):

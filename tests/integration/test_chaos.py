@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -43,6 +43,7 @@ PHASES = (
     ("healthy", {"fault": "ok"}),
 )
 """Each phase lasts PHASE_S; the last one lasts until every task is decided."""
+SETTLE = timedelta(seconds=0.5)
 ENV = {
     "RMO_STRATEGIES": '["single"]',
     "RMO_POLICY": "random",
@@ -132,8 +133,10 @@ async def test_a_provider_flipping_between_faults_moves_traffic_away_and_back(
                   if start <= at < end and (t.from_state, t.to_state) == ("closed", "open")]
         assert opened and opened[0][1].trigger in expected_trigger[name], (name, trips)
         tripped_at = opened[0][0]
-        # away: once tripped, only half-open trials reach it (2 permits per 0.5 s open period)
-        assert share(tripped_at, end) < first_healthy / 2, name
+        # away: once tripped, only half-open trials reach it (2 permits per 0.5 s open period);
+        # counted from 0.5 s after the trip, so batches decided on the breaker state read just
+        # before the trip was projected do not count (on a loaded machine the projection lags)
+        assert share(tripped_at + SETTLE, end) < first_healthy / 2, name
         # and back: the next healthy phase closes it through half-open
         _, h_start, h_end = phases[i + 1]
         closes = [t for at, t in trips if h_start <= at < h_end and t.to_state == "closed"]

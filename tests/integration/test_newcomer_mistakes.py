@@ -297,6 +297,21 @@ def test_demo_refuses_a_running_worker_with_other_providers(settings: Settings, 
     assert "providers oracle" in error and "providers grok, claude, gemini (defaults" in error
 
 
+def test_demo_refuses_a_running_worker_with_another_policy(settings: Settings, topics,
+                                                           tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RMO_POLICY", "random")  # the worker's; the demo's shell has none
+    with worker(settings, tmp_path):
+        deadline = time.monotonic() + 60
+        while not asyncio.run(_heartbeats(settings)):
+            assert time.monotonic() < deadline, "the worker never announced itself"
+            time.sleep(0.2)
+        result = rmo("demo", "--limit", "1",
+                     env=cli_env(settings, RMO_STATE_DIR=str(tmp_path / "state")), timeout=60)
+    assert result.returncode == 2
+    error = one_line_error(result)
+    assert "(defaults), policy random" in error and "policy thompson:" in error
+
+
 def _worker_children(pid: int) -> list[int]:
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
