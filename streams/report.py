@@ -239,6 +239,14 @@ def plot_completions(log: Log) -> Figure:
     return fig
 
 
+def _by_provider(events: Iterable[Event]) -> dict[str, list[Event]]:
+    """provider id -> its events in log order, providers sorted (one pass over ``events``)."""
+    groups: dict[str, list[Event]] = defaultdict(list)
+    for e in events:
+        groups[e.payload.get("provider", "?")].append(e)
+    return dict(sorted(groups.items()))
+
+
 def plot_provider_pass_rate(log: Log) -> Figure:
     fig, ax = _figure()
     answered = [e for e in _completions(log) if e.payload.get("provider")
@@ -246,9 +254,9 @@ def plot_provider_pass_rate(log: Log) -> Figure:
     if not answered:
         _empty(ax, "validated answers")
         return fig
-    for provider in sorted({e.payload["provider"] for e in answered}):
+    for provider, mine in _by_provider(answered).items():
         xs, ys, passed = [], [], 0
-        for n, e in enumerate((e for e in answered if e.payload["provider"] == provider), 1):
+        for n, e in enumerate(mine, 1):
             passed += e.payload["status"] == "passed"
             xs.append(e.at)
             ys.append(100 * passed / n)
@@ -267,9 +275,8 @@ def plot_provider_cost(log: Log) -> Figure:
     if not calls:
         _empty(ax, "provider calls")
         return fig
-    for provider in sorted({e.payload.get("provider", "?") for e in calls}):
-        xs, ys = _cumulative((e.at, float(e.payload.get("cost_usd", 0.0))) for e in calls
-                             if e.payload.get("provider") == provider)
+    for provider, mine in _by_provider(calls).items():
+        xs, ys = _cumulative((e.at, float(e.payload.get("cost_usd", 0.0))) for e in mine)
         ax.step(xs, ys, where="post", label=f"{provider} (${ys[-1]:.4f})", linewidth=2)
     ax.set_ylabel("cost, cumulative (USD)")
     ax.legend(loc="upper left")
@@ -283,8 +290,7 @@ def plot_provider_latency(log: Log) -> Figure:
     if not calls:
         _empty(ax, "provider calls")
         return fig
-    for i, provider in enumerate(sorted({e.payload.get("provider", "?") for e in calls})):
-        mine = [e for e in calls if e.payload.get("provider") == provider]
+    for i, (provider, mine) in enumerate(_by_provider(calls).items()):
         color = f"C{i}"
         xs = [e.at for e in mine]
         ys = [max(float(e.payload.get("latency_ms", 0.0)), 0.01) for e in mine]
@@ -660,12 +666,11 @@ def _providers_html(log: Log) -> str:
     trips = Counter(e.payload.get("provider") for e in log.of("BreakerTransitioned")
                     if e.payload.get("to_state") == "open")
     rows = []
-    for p in sorted({e.payload.get("provider", "?") for e in calls}):
-        mine = [e for e in calls if e.payload.get("provider") == p]
+    answers = _by_provider(e for e in done if e.payload.get("status") in ("passed", "failed"))
+    for p, mine in _by_provider(calls).items():
         lat = [float(e.payload.get("latency_ms", 0.0)) for e in mine
                if e.type == "ProviderCallCompleted"]
-        answered = [e for e in done if e.payload.get("provider") == p
-                    and e.payload.get("status") in ("passed", "failed")]
+        answered = answers.get(p, [])
         passed = sum(e.payload["status"] == "passed" for e in answered)
         rows.append((p, len(mine), sum(e.type == "ProviderCallFailed" for e in mine), len(answered),
                      _pct(passed, len(answered)),
