@@ -57,6 +57,7 @@ from agents.providers.registry import ProviderConfigError
 from agents.sandbox import SandboxUnavailable
 from models.events import DeadLettered, TaskSubmitted
 from streams import service
+from streams.client import MAX_OFFSET
 from streams.config import Settings
 
 log = logging.getLogger("rmo.api")
@@ -64,9 +65,6 @@ log = logging.getLogger("rmo.api")
 MAX_BODY_BYTES = 1 << 20
 """Largest request body accepted, in bytes (1 MiB): one task record may hold up to
 :data:`models.codec.MAX_VALUE_BYTES` (1,000,000 bytes) plus its JSON framing."""
-
-MAX_OFFSET = 2**63 - 1
-"""The largest Kafka offset (an int64 on the wire)."""
 
 T = TypeVar("T")
 TOKEN_VARIABLE = "RMO_API_TOKEN"

@@ -36,6 +36,7 @@ from agents.sandbox import SandboxUnavailable
 from models.codec import json_schemas
 from models.events import Envelope, MetricsSnapshot, TaskSubmitted
 from streams import locate, logs, service
+from streams.client import MAX_OFFSET
 from streams.config import Settings
 from streams.embedded import EmbeddedServiceError
 from streams.prometheus import MetricsPortUnavailable
@@ -522,7 +523,7 @@ def report_cmd(
 @app.command("replay")
 def replay_cmd(
     from_beginning: Annotated[bool, typer.Option("--from-beginning", help="Read every topic from offset 0 (the default).")] = False,
-    from_offset: Annotated[int | None, typer.Option("--from-offset", min=0, max=2**63 - 1, help="Start every partition at this offset.")] = None,
+    from_offset: Annotated[int | None, typer.Option("--from-offset", min=0, max=MAX_OFFSET, help="Start every partition at this offset.")] = None,
     from_time: Annotated[datetime | None, typer.Option("--from-time", help="Skip events that occurred before this time (RFC 3339).")] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", help="Empty namespace to rebuild into (default: {namespace}-replay-{time}-{random}).")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Compare with the live namespace key by key; exit 1 on any difference.")] = False,

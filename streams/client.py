@@ -17,6 +17,8 @@ from models.codec import encode
 from models.events import Envelope
 from streams.stage import PRODUCER_MAX_REQUEST_BYTES, Record
 
+MAX_OFFSET = 2**63 - 1
+"""The largest Kafka offset (an int64 on the wire)."""
 
 class EventProducer:
     """An aiokafka producer speaking envelopes; use as ``async with EventProducer(...)``."""
