@@ -4,6 +4,7 @@ Redis (REDIS_URL, else an embedded one), and a fresh namespace per test."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import shutil
@@ -12,10 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from redis import Redis as SyncRedis
 
 from agents import sandbox
-from streams import embedded
+from streams import embedded, logs
 from streams.config import Settings
 from streams.keys import Keys
 from streams.topics import create_topics, load_topics
@@ -94,3 +96,20 @@ def bwrap_unless_simulated(request: pytest.FixtureRequest) -> None:
     problem = sandbox.bwrap_problem()
     if problem is not None:
         pytest.skip(problem)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Put the root logger, structlog and the registered secrets back as they were."""
+    root = logging.getLogger()
+    handlers, level, secrets = list(root.handlers), root.level, set(logs._secrets)
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
+    logs._secrets.clear()
+    logs._secrets.update(secrets)

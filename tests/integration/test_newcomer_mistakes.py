@@ -282,10 +282,10 @@ def test_demo_ignores_the_stale_heartbeat_of_a_stopped_worker(settings: Settings
     assert asyncio.run(_heartbeats(settings)) == []  # the stale one is gone, ours cleared
 
 
-def test_demo_refuses_a_running_worker_with_other_providers(settings: Settings, topics,
-                                                            tmp_path: Path) -> None:
-    others = settings.model_copy(update={"providers_file": providers_file(tmp_path, ORACLE)})
-    with worker(others, tmp_path):
+def _demo_beside_a_running_worker(running: Settings, settings: Settings, tmp_path: Path) -> str:
+    """Start a worker with ``running``'s settings, wait for its heartbeat, run `rmo demo` with
+    ``settings`` beside it; assert the demo refused (exit 2) and return its one error line."""
+    with worker(running, tmp_path):
         deadline = time.monotonic() + 60
         while not asyncio.run(_heartbeats(settings)):
             assert time.monotonic() < deadline, "the worker never announced itself"
@@ -293,22 +293,20 @@ def test_demo_refuses_a_running_worker_with_other_providers(settings: Settings, 
         result = rmo("demo", "--limit", "1",
                      env=cli_env(settings, RMO_STATE_DIR=str(tmp_path / "state")), timeout=60)
     assert result.returncode == 2
-    error = one_line_error(result)
+    return one_line_error(result)
+
+
+def test_demo_refuses_a_running_worker_with_other_providers(settings: Settings, topics,
+                                                            tmp_path: Path) -> None:
+    others = settings.model_copy(update={"providers_file": providers_file(tmp_path, ORACLE)})
+    error = _demo_beside_a_running_worker(others, settings, tmp_path)
     assert "providers oracle" in error and "providers grok, claude, gemini (defaults" in error
 
 
 def test_demo_refuses_a_running_worker_with_another_policy(settings: Settings, topics,
                                                            tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("RMO_POLICY", "random")  # the worker's; the demo's shell has none
-    with worker(settings, tmp_path):
-        deadline = time.monotonic() + 60
-        while not asyncio.run(_heartbeats(settings)):
-            assert time.monotonic() < deadline, "the worker never announced itself"
-            time.sleep(0.2)
-        result = rmo("demo", "--limit", "1",
-                     env=cli_env(settings, RMO_STATE_DIR=str(tmp_path / "state")), timeout=60)
-    assert result.returncode == 2
-    error = one_line_error(result)
+    error = _demo_beside_a_running_worker(settings, settings, tmp_path)
     assert "(defaults), policy random" in error and "policy thompson:" in error
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -29,23 +28,6 @@ KEY = "sk-h6-unit-0123456789abcdef"
 class Tty(io.StringIO):
     def isatty(self) -> bool:
         return True
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """Put the root logger, structlog and the registered secrets back as they were."""
-    root = logging.getLogger()
-    handlers, level, secrets = list(root.handlers), root.level, set(logs._secrets)
-    yield
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in handlers:
-        root.addHandler(h)
-    root.setLevel(level)
-    structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
-    logs._secrets.clear()
-    logs._secrets.update(secrets)
 
 
 @pytest.fixture

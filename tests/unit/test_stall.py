@@ -7,11 +7,9 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import Iterator
 
 import orjson
 import pytest
-import structlog
 from redis.asyncio import Redis
 
 from streams import logs, stall
@@ -19,18 +17,10 @@ from streams.keys import Keys
 
 
 @pytest.fixture
-def json_log() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+def json_log(restore_logging: None) -> io.StringIO:
     stream = io.StringIO()
     logs.configure(logging.INFO, fmt="json", stream=stream)
-    yield stream
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    for h in handlers:
-        root.addHandler(h)
-    root.setLevel(level)
-    structlog.reset_defaults()
+    return stream
 
 
 def block_on_purpose(seconds: float) -> None:
