@@ -29,8 +29,10 @@ from (rule id, transition), so it happens once however often or by whom it is de
    its rules (``ProtocolRuleProposed``) and evaluates them at once as in step 2. A rule id
    names its kind and parameters (``avoid_provider:string:gemini``), so two patterns asking
    for the same rule propose it once.
-2. :class:`RuleMonitor` (rewards topic, after every batch of completed tasks, live only):
-   evaluates each proposed rule on the outcomes recorded so far (agents/outcomes.py):
+2. :class:`RuleMonitor` (rewards topic, after every batch of completed tasks and every
+   :data:`RULES_TICK_S` in each worker, live only; the tick counts the outcomes of batches
+   that ran while a proposal was still in flight when no task follows them): evaluates each
+   proposed rule on the outcomes recorded so far (agents/outcomes.py):
    ``ProtocolRuleApplied`` (evidence: the evaluation and the touched scope's figures at that
    moment), ``ProtocolRuleRejected`` when the evaluation is conclusively not positive, or
    nothing yet (waiting for confidence or evidence). For each applied rule it measures the
@@ -51,7 +53,7 @@ from typing import Literal
 
 import orjson
 
-from agents.outcomes import ANY, Outcomes, OutcomesProjection, Tally
+from agents.outcomes import ANY, OutcomeChanges, Outcomes, OutcomesProjection, Tally
 from agents.patterns import (
     ANSWER_CATEGORIES,
     PatternCounts,
@@ -100,6 +102,10 @@ CATCH_UP_POLLS = 20
 CATCH_UP_POLL_S = 0.1
 """How long the updater waits (polls x seconds) for the outcomes a detection saw to be
 committed before evaluating its rules; past that it evaluates what it reads."""
+EVALUATED = frozenset({"avoid_provider", "raise_timeout"})
+"""Rule kinds :func:`evaluate` can decide; any other stays proposed."""
+RULES_TICK_S = 5.0
+"""Seconds between the monitor's decisions that no batch causes (:meth:`RuleMonitor.tick`)."""
 UPDATER = "learning.rules"
 MONITOR = "learning.outcomes"
 
@@ -345,7 +351,7 @@ class ActiveRules:
                    default=1.0)
 
 
-def _rule_event(payload: RuleChange, producer: str, cause: Envelope, stage: str) -> Envelope:
+def _rule_event(payload: RuleChange, producer: str, cause: Envelope | None, stage: str) -> Envelope:
     return make_event(payload, producer=producer, cause=cause, correlation_id=payload.rule_id,
                       event_id=derive_event_id(payload.rule_id, "learning.rule", 0, stage))
 
@@ -355,7 +361,7 @@ DECISIONS: dict[str, type[RuleChange]] = {"apply": ProtocolRuleApplied, "reject"
 
 
 def decision_event(rule: Rule, pattern: str, v: Verdict, outcomes: Outcomes, producer: str,
-                   cause: Envelope) -> Envelope | None:
+                   cause: Envelope | None) -> Envelope | None:
     """The event of a verdict (None for ``wait`` and ``keep``). An applied rule's evidence
     also records its touched scope's figures now (``before_*``), which its measurement
     compares with later."""
@@ -415,10 +421,11 @@ class RuleMonitor(Consumer):
     after each batch of completed tasks, counting that batch too: detects the error patterns
     its outcomes complete (an error arrives before its task's outcome, so the last evidence
     of a pattern may be a reward; agents/patterns.py), decides on proposed rules and measures
-    applied ones (module docstring, step 2)."""
+    applied ones (module docstring, step 2); and every ``tick_s`` decides on what is recorded."""
 
     name = MONITOR
     source = "rewards"
+    tick_s = RULES_TICK_S
     handles = frozenset({"RewardComputed"})
     projections = (OutcomesProjection(),)
 
@@ -435,6 +442,22 @@ class RuleMonitor(Consumer):
                          if PatternKey.parse(p).scope in changes.members)
         self._detected.update(await detect(tx, touched, events[-1], outcomes=changes,
                                            skip=self._detected))
+        await self._decide(tx, changes, events[-1], remember=True)
+
+    async def tick(self, tx: Tx) -> None:
+        """Decide again on the outcomes recorded so far, caused by no event (module
+        docstring, step 2). A batch's outcomes committed while a rule's proposal was in
+        flight (not projected yet) are counted by the next batch, or by this when none
+        follows. What it emits is not remembered in ``_decided``: if its production fails,
+        the next tick emits it again (same event ids)."""
+        await self._decide(tx, OutcomeChanges(), None, remember=False)
+
+    async def _decide(self, tx: Tx, changes: OutcomeChanges, cause: Envelope | None, *,
+                      remember: bool) -> None:
+        """Evaluate each proposed rule and measure each applied one (module docstring, step
+        2) on the recorded outcomes plus ``changes`` (a batch not committed yet), skipping
+        the decisions this process emitted; ``remember``: record the ones emitted now."""
+        k = tx.keys
         ids = sorted(await tx.redis.smembers(k.rules))
         if not ids:
             return
@@ -442,7 +465,8 @@ class RuleMonitor(Consumer):
         for rule_id in ids:
             pipe.hgetall(k.rule(rule_id))
         states = [RuleState.from_hash(i, h) for i, h in zip(ids, await pipe.execute()) if h]
-        proposed = [s for s in states if s.state == "proposed"]
+        # a proposed-only rule (evaluate's last case) always waits: no need to read its pattern
+        proposed = [s for s in states if s.state == "proposed" and s.rule.kind in EVALUATED]
         pipe = tx.redis.pipeline(transaction=False)
         for s in proposed:
             pipe.hgetall(k.error_pattern(s.pattern))
@@ -456,7 +480,8 @@ class RuleMonitor(Consumer):
         for s, v in verdicts:
             if (s.id, v.decision) in self._decided:
                 continue
-            decided = decision_event(s.rule, s.pattern, v, outcomes, MONITOR, events[-1])
+            decided = decision_event(s.rule, s.pattern, v, outcomes, MONITOR, cause)
             if decided is not None:
                 tx.emit("learning", decided, key=s.id)
-                self._decided.add((s.id, v.decision))
+                if remember:
+                    self._decided.add((s.id, v.decision))

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -22,10 +22,11 @@ import faust
 from redis.asyncio import Redis
 
 from models.codec import encode, make_event
-from streams import liveness, metrics
+from streams import liveness, metrics, seen
 from streams.config import Settings
 from streams.keys import Keys
 from streams.liveness import Heartbeat
+from streams.pipeline import source_watermarks
 from streams.stage import (
     PRODUCER_MAX_REQUEST_BYTES,
     REDIS_DOWN,
@@ -34,6 +35,8 @@ from streams.stage import (
     Context,
     Record,
     StaleBatchError,
+    Tx,
+    produce,
 )
 from streams.topics import TopicRegistry
 
@@ -68,6 +71,10 @@ def create_app(settings: Settings, registry: TopicRegistry, consumers: list[Cons
         topic_allow_declare=False,
         consumer_auto_offset_reset="earliest",
         producer_linger=0.0,  # acks are awaited per batch: lingering only adds latency
+        # a record's batch expires (is no longer retried) after this: within the seen-id
+        # retention, so a late retry cannot land after its duplicate's bucket is dropped
+        # (streams/seen.py, point d); Faust's default is 1,200 s
+        producer_request_timeout=settings.seen_retention_s / 2,
         producer_max_batch_size=1 << 20,
         producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,  # dead letters of 1 MB records
         stream_buffer_maxsize=max(4 * max(batch_limit(c, settings) for c in consumers), 4096),
@@ -81,7 +88,66 @@ def create_app(settings: Settings, registry: TopicRegistry, consumers: list[Cons
     for consumer in consumers:
         _add_agent(app, consumer, ctx, settings)
     _add_metrics_timer(app, ctx, settings, heartbeat)
+    _add_seen_rotation(app, ctx, [(c.name, c.source) for c in consumers])
+    for consumer in consumers:
+        if consumer.tick_s is not None:
+            _add_tick(app, consumer, ctx)
     return app
+
+
+def _every(app: faust.App, interval_s: float, name: str,
+           work: Callable[[], Awaitable[None]]) -> None:
+    """Run ``work`` every ``interval_s`` seconds on the worker's loop (a Faust timer named
+    ``name``). A run that fails is logged (``"{name} failed: ..."``) and the next one tries
+    again: a periodic task never stops the worker. A Redis outage skips the run silently;
+    the stages log outages themselves."""
+
+    async def run() -> None:
+        try:
+            await work()
+        except REDIS_DOWN:
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. no high watermark yet: next run
+            log.warning("%s failed: %r; next try in %.0f s", name, exc, interval_s)
+
+    run.__name__ = run.__qualname__ = name.replace(".", "_").replace(" ", "_")
+    app.timer(interval_s)(run)
+
+
+def _add_tick(app: faust.App, consumer: Consumer, ctx: Context) -> None:
+    """Every ``consumer.tick_s``, ``consumer.tick`` and the production of what it emitted
+    (streams/stage.py :meth:`Consumer.tick`).
+
+    Raises (logged by :func:`_every`):
+        RuntimeError: the tick queued writes, which only the commit protocol may apply.
+    """
+
+    async def tick() -> None:
+        tx = Tx(ctx)
+        await consumer.tick(tx)
+        if tx.writes:
+            raise RuntimeError(f"{consumer.name}.tick queued Redis writes; only a batch may write")
+        await produce(tx)
+
+    _every(app, consumer.tick_s, f"{consumer.name} tick", tick)
+
+
+def _add_seen_rotation(app: faust.App, ctx: Context, sources: list[tuple[str, str]]) -> None:
+    """Every ``seen_rotate_s``, one tick of the seen buckets' protocol (streams/seen.py) for
+    ``sources`` ((consumer name, source role) pairs)."""
+    settings = ctx.settings
+
+    async def watermarks() -> dict[str, int]:
+        return await source_watermarks(settings, ctx.topics, sources)
+
+    async def rotate_seen() -> None:
+        done = await seen.rotate(ctx.redis, ctx.keys, [name for name, _ in sources],
+                                 watermarks, rotate_s=settings.seen_rotate_s,
+                                 retention_s=settings.seen_retention_s)
+        if done.dropped:
+            log.debug("seen epochs %s dropped; %d..%d kept", done.dropped, done.oldest, done.current)
+
+    _every(app, settings.seen_rotate_s, "seen rotation", rotate_seen)
 
 
 def batch_limit(consumer: Consumer, settings: Settings) -> int:

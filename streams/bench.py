@@ -23,7 +23,10 @@ The routing policy of 2-7 is ``random`` over the one provider, so the learning p
 feedback window (agents/executor.py ``admit``), which holds decisions back until feedback
 arrives, does not throttle a measurement of capacity. ``soak`` (`rmo bench --soak S`) instead
 runs a steady open-loop load for S seconds and reports the workers' RSS and Redis' memory
-after warm-up and at the end.
+after warm-up and at the end. It runs with the shortest windows of the per-event state
+(:data:`SOAK_ENV`), so the soak sees them full: Redis then holds about rate x (60 s + the
+seen epochs' lag) of seen ids (about 0.75 KB a task over nine consumers) and of task status
+hashes (about 2.8 KB a task) on top of the state that does not grow with events.
 """
 
 from __future__ import annotations
@@ -83,8 +86,14 @@ INFLIGHT_TASKS = 2000
 INFLIGHT_LATENCY_MS = 1000
 CAPACITY_ENV = {"RMO_POLICY": "random"}
 """Worker settings of every capacity figure (module docstring)."""
-WARMUP_S = 60.0
-"""Soak: memory is compared from this many seconds in (caches, pools and buffers filled)."""
+SOAK_ENV = {"RMO_SEEN_ROTATE_S": "10", "RMO_SEEN_RETENTION_S": "60", "RMO_TASK_RETENTION_S": "60"}
+"""Soak: the shortest windows of the per-event state (seen buckets: streams/seen.py; task
+status), so that it fills within minutes and the soak measures what happens once it has: Redis
+holds about rate x window of each (module docstring)."""
+WARMUP_S = 180.0
+"""Soak: memory is compared from this many seconds in: the windows of :data:`SOAK_ENV` filled
+(60 s retention, plus a few 10 s epochs, plus the closes' lag) and caches, pools and buffers
+too."""
 
 
 def bench_tasks(n: int, tag: str) -> list[TaskSubmitted]:
@@ -351,7 +360,8 @@ class _Run:
 
 
 async def _bench(n: int, workers: int, log: Path, budgets: Path | None, load_s: float,
-                 soak_s: float | None, profile: Path | None = None) -> dict:
+                 soak_s: float | None, profile: Path | None = None,
+                 soak_rate: float | None = None) -> dict:
     env = Settings()
     # a fresh broker unless the user named one, so figures do not depend on what a broker holds
     kafka = None if env.kafka_bootstrap_servers else embedded.start_kafka()
@@ -369,7 +379,7 @@ async def _bench(n: int, workers: int, log: Path, budgets: Path | None, load_s: 
 
     try:
         if soak_s is not None:
-            return await _soak(new_run(instant, **fast), workers, soak_s, redis)
+            return await _soak(new_run(instant, **fast), workers, soak_s, redis, soak_rate)
         main = new_run(instant, **fast)
         ingest = await measure_ingest(bootstrap, f"{main.namespace}.ingest", bench_tasks(n, "ingest"))
         await main.start(workers, CAPACITY_ENV)
@@ -421,11 +431,13 @@ async def _bench(n: int, workers: int, log: Path, budgets: Path | None, load_s: 
             handle.stop()
 
 
-async def _soak(run: _Run, workers: int, seconds: float, redis: Redis) -> dict:
-    """Steady open-loop load at half the burst rate for ``seconds``; memory after
-    :data:`WARMUP_S` and at the end (module docstring)."""
-    await run.start(workers, CAPACITY_ENV)
+async def _soak(run: _Run, workers: int, seconds: float, redis: Redis,
+                rate: float | None) -> dict:
+    """Steady open-loop load at ``rate`` tasks/s (None: half the burst rate) for ``seconds``;
+    memory after :data:`WARMUP_S` and at the end (module docstring)."""
+    await run.start(workers, {**CAPACITY_ENV, **SOAK_ENV})
     tps, _ = await run_tasks(run.settings, bench_tasks(2000, "rate"), run.procs, run.log)
+    load = rate or tps / 2
     samples: list[tuple[float, float, float]] = []  # (s since start, workers' RSS MiB, Redis MiB)
     t0 = time.perf_counter()
 
@@ -438,13 +450,17 @@ async def _soak(run: _Run, workers: int, seconds: float, redis: Redis) -> dict:
 
     sampler = asyncio.create_task(sample())
     try:
-        latencies = await open_loop(run.settings, tps / 2, seconds, run.procs, run.log, "soak")
+        latencies = await open_loop(run.settings, load, seconds, run.procs, run.log, "soak")
     finally:
         sampler.cancel()
     warm = next((x for x in samples if x[0] >= WARMUP_S), samples[0])
-    end = samples[-1]
+    # the end of the load, not of the drain of what it left queued (a backlog, if any)
+    end = [x for x in samples if x[0] <= seconds][-1]
     p50, p99 = _quantiles(latencies)
-    return {"soak_s": seconds, "workers": workers, "tasks_per_s": round(tps / 2, 1),
+    return {"soak_s": seconds, "workers": workers, "burst_tasks_per_s": round(tps, 1),
+            "tasks_per_s": round(load, 1), "warmup_s": warm[0], "end_s": end[0],
+            "drain_s": round(samples[-1][0] - seconds, 1),
+            "windows": {k.removeprefix("RMO_").lower(): float(v) for k, v in SOAK_ENV.items()},
             "tasks": len(latencies), "p50_ms": p50, "p99_ms": p99,
             "rss_mb_after_warmup": warm[1], "rss_mb_end": end[1],
             "rss_growth_pct": round(100 * (end[1] - warm[1]) / warm[1], 1) if warm[1] else None,
@@ -459,14 +475,16 @@ def _machine() -> str:
 
 def run_bench(*, tasks: int, workers: int, as_json: bool, budgets: Path | None = None,
               load_s: float = 60.0, soak_s: float | None = None,
-              profile: Path | None = None) -> int:
+              profile: Path | None = None, soak_rate: float | None = None) -> int:
     """Entry point of `rmo bench`; prints the figures, returns the exit code. ``budgets``: a
     budgets file the workers run under; ``load_s``: length of the open-loop load (s);
-    ``soak_s``: run the soak instead (module docstring); ``profile``: a directory for py-spy
-    recordings of the workers during the burst (:class:`Profiler`)."""
+    ``soak_s``: run the soak instead (module docstring), at ``soak_rate`` tasks/s (None: half
+    the burst rate); ``profile``: a directory for py-spy recordings of the workers during the
+    burst (:class:`Profiler`)."""
     log = Path(tempfile.gettempdir()) / "rmo-bench-worker.log"
     try:
-        result = asyncio.run(_bench(tasks, workers, log, budgets, load_s, soak_s, profile))
+        result = asyncio.run(_bench(tasks, workers, log, budgets, load_s, soak_s, profile,
+                                    soak_rate))
     except DemoError as exc:
         print(f"error: {exc}", *exc.detail, sep="\n", file=sys.stderr)
         return exc.exit_code

@@ -40,6 +40,16 @@ class Settings(BaseSettings):
     # so with slow providers this is the calls in flight per worker (`rmo bench` in flight)
     executor_batch_max: int | None = Field(default=None, ge=1)
     batch_within_s: float = 0.05
+    # seen-id buckets (streams/seen.py): a new epoch every seen_rotate_s, and a bucket kept
+    # until a close seen_retention_s after its own was passed. The retention must exceed the
+    # time a duplicate can take that offsets do not bound (a zombie's batch, checked after
+    # streams.stage.STALE_CHECK_S 10 s; a client's send retry, aiokafka's 40 s request timeout)
+    seen_rotate_s: float = Field(default=30.0, gt=0)
+    seen_retention_s: float = Field(default=300.0, ge=60)
+    # a task's status hash (`rmo status ID`) expires this long (s) after its latest event, by
+    # event time (streams/projections.py write_tasks); 0 keeps it forever. 7 days: Kafka's
+    # default log retention. Counters, provider stats and the learned state are kept
+    task_retention_s: float = Field(default=7 * 86400.0, ge=0)
     fetch_max_wait_ms: int = 20
 
     # executor (SPEC §4)

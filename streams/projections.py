@@ -59,22 +59,23 @@ class TaskStatusProjection:
       ``provider``, ``result`` (e.g. a dead letter's reason).
 
     :class:`BreakerProjection` adds one ``call:{provider}:{attempt}`` field per provider call.
-    Status is derived at read time (:func:`task_status`)."""
+    Status is derived at read time (:func:`task_status`). The hash expires
+    ``Settings.task_retention_s`` after the latest of its events (:func:`write_tasks`)."""
 
     name = "task_status"
 
     async def apply(self, events: Sequence[Envelope], tx: Tx) -> None:
         per_task: dict[str, dict[str, str]] = {}  # one HSET per task and batch
+        latest: dict[str, int] = {}
         for e in events:
             fields = self._fields(e)
             if fields:
                 per_task.setdefault(e.payload.task_id, {}).update(fields)
+                latest[e.payload.task_id] = max(latest.get(e.payload.task_id, 0),
+                                                epoch_ms(e.occurred_at))
         if per_task:
-            def write(pipe, per_task=per_task) -> None:
-                for task_id, fields in per_task.items():
-                    pipe.hset(tx.keys.task(task_id), mapping=fields)
-
-            tx.write(write)
+            tasks = {t: (fields, latest[t]) for t, fields in per_task.items()}
+            tx.write(lambda pipe: write_tasks(pipe, tx, tasks))
 
     @staticmethod
     def _fields(e: Envelope) -> dict[str, str] | None:
@@ -108,6 +109,49 @@ class TaskStatusProjection:
                         "tokens": str(p.tokens), "latency_ms": repr(p.latency_ms),
                         "provider": p.provider or "", "result": (p.result or "")[:MESSAGE_MAX_CHARS]}
         return None
+
+
+WRITE_TASKS_LUA = """
+local retention = tonumber(ARGV[1])
+for k = 1, #KEYS do
+  local flat = {}
+  for f, v in pairs(cjson.decode(ARGV[2 * k + 1])) do
+    flat[#flat + 1] = f
+    flat[#flat + 1] = v
+  end
+  redis.call('HSET', KEYS[k], unpack(flat))
+  if retention > 0 then
+    local expire_at = tonumber(ARGV[2 * k]) + retention
+    redis.call('PEXPIREAT', KEYS[k], expire_at, 'NX')
+    redis.call('PEXPIREAT', KEYS[k], expire_at, 'GT')
+  end
+end
+return #KEYS
+"""
+"""KEYS: task hashes; ARGV: retention (ms, 0: none), then per key its latest event time (ms)
+and its fields as one JSON object of strings."""
+
+
+def write_tasks(pipe, tx: Tx, tasks: dict[str, tuple[dict[str, str], int]]) -> None:
+    """Queue, as one script, each task's fields into its hash and its expiry: the latest
+    event time written into it plus ``Settings.task_retention_s`` (0: kept forever).
+    ``tasks``: task id -> (fields, latest event time of the fields, ms); a task without
+    fields is skipped (an HSET of nothing would fail inside the batch's MULTI). Both
+    PEXPIREATs (NX: the first, GT: a later one) make the expiry the maximum over the task's
+    events whatever the order the consumers apply them in, so replay sets the same instant,
+    and a task whose time is past expires at once in a rebuilt namespace as it did in the
+    live one. Caveat: a task whose events span more than the retention can rebuild with
+    fields the live hash lost. One EVAL with one JSON argument per task instead of three
+    commands of every field: the client's cost per command and per argument (packing, one
+    parsed reply per command) dominated replay (docs/performance.md)."""
+    keys: list[str] = []
+    args: list[str | int | bytes] = [int(tx.ctx.settings.task_retention_s * 1000)]
+    for task_id, (fields, at_ms) in tasks.items():
+        if fields:
+            keys.append(tx.keys.task(task_id))
+            args += [at_ms, orjson.dumps(fields)]
+    if keys:
+        pipe.eval(WRITE_TASKS_LUA, len(keys), *keys, *args)
 
 
 def call_field(provider: str, attempt: int) -> str:
@@ -202,6 +246,7 @@ class BreakerProjection:
         states = {prov: BreakerState.from_hash(h) for prov, h in zip(providers, await pipe.execute())}
         stats: dict[str, dict[str, int]] = {prov: {} for prov in providers}
         task_calls: dict[str, dict[str, str]] = {}
+        task_at: dict[str, int] = {}
         for e in events:
             p = e.payload
             s = stats[p.provider]
@@ -210,6 +255,7 @@ class BreakerProjection:
                 new, transitions = apply_command(states[p.provider], p.command, at, p.reason, p.operator)
             else:
                 new, transitions = self._call(e, at, s, task_calls, states[p.provider])
+                task_at[p.task_id] = max(task_at.get(p.task_id, 0), at)
             states[p.provider] = new
             for i, t in enumerate(transitions):
                 s["trips"] = s.get("trips", 0) + (t.to_state == "open" and t.from_state != "open")
@@ -229,8 +275,7 @@ class BreakerProjection:
                 pipe.sadd(tx.keys.providers_index, prov)
                 for f, n in stats[prov].items():
                     pipe.hincrby(tx.keys.provider_stats(prov), f, n)
-            for task_id, fields in task_calls.items():
-                pipe.hset(tx.keys.task(task_id), mapping=fields)
+            write_tasks(pipe, tx, {t: (fields, task_at[t]) for t, fields in task_calls.items()})
 
         tx.write(write)
 

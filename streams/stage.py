@@ -11,7 +11,9 @@ One batch is a list of records from one consumer's source topic. ``BatchRunner.r
    oversized record on the tasks topic also completes the task its key names as
    ``dead_lettered``.
 3. Drop events whose ``event_id`` this consumer has already applied (a re-produced
-   duplicate from an upstream stage that crashed between producing and committing).
+   duplicate from an upstream stage that crashed between producing and committing): the
+   applied ids live in the consumer's seen buckets ``oldest..current`` (read in step 1), which
+   expire once no duplicate of their ids can arrive any more (streams/seen.py: the argument).
 4. ``Consumer.process`` runs the stage logic on the remaining events (live mode only); it
    queues output events with ``Tx.emit`` and state writes with ``Tx.write``. An event whose
    processing raises is dead-lettered with the exception as the reason (and its task gets a
@@ -20,11 +22,24 @@ One batch is a list of records from one consumer's source topic. ``BatchRunner.r
    alike, exactly as replay (which runs no stage logic) will (queues writes; may emit).
 6. Produce every emitted event and wait for all acks. A crash after this point re-runs the
    batch, which re-produces the *same* deterministic event ids; consumers drop them in step 3.
-7. In one MULTI/EXEC, guarded by WATCH on the batch's checkpoint keys: the queued writes,
-   the applied event ids, and the new checkpoints. If a checkpoint differs from what step 1
-   read (another consumer committed these partitions meanwhile: we are a zombie after a
-   rebalance), ``StaleBatchError`` is raised and nothing is written.
+   A batch that has run for more than :data:`STALE_CHECK_S` first reads its checkpoints
+   again and stops with ``StaleBatchError`` if they moved, so a worker that lost its
+   partitions while it waited (a Redis or provider outage, a pause) does not produce its
+   duplicates long after the rival committed (streams/seen.py, point d).
+7. In one MULTI/EXEC, guarded by WATCH on the batch's checkpoint keys and the current seen
+   epoch: the queued writes, the applied event ids (into the current epoch's bucket), and the
+   new checkpoints. If a checkpoint differs from what step 1 read (another consumer committed
+   these partitions meanwhile: we are a zombie after a rebalance), ``StaleBatchError`` is
+   raised and nothing is written; if only the epoch moved, the commit is made again.
 8. Return; only now may the caller commit the Kafka offsets (Faust acks after the batch).
+
+Why the seen buckets may expire without weakening step 3 (in full: streams/seen.py): a
+duplicate only comes from re-running the upstream batch that produced the event, and such a
+re-run only happens while that batch is uncommitted. An epoch's bucket is deleted once every
+consumer has committed past the offsets that existed when the epoch closed (no re-run can
+still come), then read past the offsets that existed once that was true (every duplicate the
+re-runs produced has been dropped), and a retention has passed for the producers offsets do
+not see (a client's send retry, a zombie batch: the check in step 6).
 
 Redis being unreachable pauses the consumer (one log line), retries the step that failed with
 backoff, and resumes (one log line): an outage at step 7 does not re-run step 4, so providers
@@ -65,6 +80,10 @@ MAX_DEADLETTER_BYTES = 2 * 1024 * 1024
 """Original bytes kept in a dead letter: base64 of 2 MiB stays under the deadletter topic's
 4 MiB max.message.bytes (topics.yaml) and the producer's max request size."""
 PRODUCER_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+STALE_CHECK_S = 10.0
+"""A batch older than this (s, from step 1) re-reads its checkpoints before producing (step
+6): far above a normal batch (milliseconds to a few seconds of provider calls), far below
+the seen retention (``Settings.seen_retention_s``) that the check lets stay short."""
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
@@ -125,11 +144,13 @@ class Tx:
         self.writes.append(fn)
 
     def emit(self, role: str, event: Envelope, key: str | None = None) -> None:
-        """Queue ``event`` for the topic of ``role``, keyed by ``key`` or its correlation id.
-        Dropped in replay mode: replay rebuilds state, it does not re-publish history."""
+        """Queue ``event`` for the topic of ``role``, keyed by ``key``, else its task id
+        (SPEC §3; a job's subtasks share the job's correlation id but spread over partitions
+        by task), else its correlation id. Dropped in replay mode: replay rebuilds state, it
+        does not re-publish history."""
         if self.ctx.mode == "replay":
             return
-        k = key if key is not None else event.correlation_id
+        k = key if key is not None else getattr(event.payload, "task_id", None) or event.correlation_id
         self.emitted.append((role, k.encode(), event))
 
     def fail(self, event: Envelope, exc: BaseException) -> None:
@@ -179,6 +200,17 @@ class Consumer:
     async def handle(self, event: Envelope, tx: Tx) -> None:
         raise NotImplementedError
 
+    tick_s: float | None = None
+    """Seconds between the consumer's :meth:`tick` in a live worker (None: no tick)."""
+
+    async def tick(self, tx: Tx) -> None:
+        """Live work no batch causes, every ``tick_s`` in each worker (streams/app.py): it may
+        read Redis and ``tx.emit``; its events are produced. It must not queue writes (state
+        changes only through the commit protocol): the worker fails such a tick. Events
+        emitted from a tick must have ids
+        derived from what they decide, since every worker ticks and a tick may decide what a
+        batch decides too."""
+
     async def admit(self, pending: int, ctx: Context) -> int:
         """How many of the ``pending`` delivered records (>= 1) to run as the next batch, the
         rest waiting for the batches after it (default: all). Each batch is the whole protocol
@@ -218,12 +250,12 @@ class BatchRunner:
     async def _run(self, records: Sequence[Record]) -> Tx:
         started, taken = time.perf_counter(), len(records)
         tx = Tx(self.ctx)
-        marks = await self._redis(lambda: self._checkpoints(records))
+        marks, epochs = await self._redis(lambda: self._checkpoints(records))
         records = [r for r in records if r.offset > marks[(r.topic, r.partition)]]
         if not records:
             return tx  # the whole batch was applied before (redelivery after a crash)
         events, sources = self._decode(records, tx)
-        events = await self._redis(lambda: self._unseen(events))
+        events = await self._redis(lambda: self._unseen(events, epochs))
         handled = [e for e in events if e.event_type in self.consumer.handles]
         if self.ctx.mode == "live" and handled:
             queued = (len(tx.writes), len(tx.emitted))
@@ -237,8 +269,10 @@ class BatchRunner:
         applied = events
         for projection in self.consumer.projections:
             await self._redis(lambda p=projection: p.apply(applied, tx))
-        await self._produce(tx)
-        await self._redis(lambda: self._commit(records, marks, applied, tx))
+        if tx.emitted and time.perf_counter() - started > STALE_CHECK_S:
+            await self._redis(lambda: self._still_current(records, marks))
+        await produce(tx)
+        await self._redis(lambda: self._commit(records, marks, epochs, applied, tx))
         for observe in observers:
             observe(self.consumer.name, taken, tx, time.perf_counter() - started)
         return tx
@@ -252,12 +286,25 @@ class BatchRunner:
         tx.failed.clear()
         await self.consumer.process(events, tx)
 
-    async def _checkpoints(self, records: Sequence[Record]) -> dict[tuple[str, int], int]:
-        """(topic, partition) -> last applied offset (-1: none yet) for the batch's partitions."""
+    async def _checkpoints(self, records: Sequence[Record]
+                           ) -> tuple[dict[tuple[str, int], int], range]:
+        """(topic, partition) -> last applied offset (-1: none yet) for the batch's partitions,
+        and the seen epochs ``oldest..current`` whose buckets step 3 reads."""
         tps = sorted({(r.topic, r.partition) for r in records})
-        keys = [self.ctx.keys.checkpoint(self.consumer.name, t, p) for t, p in tps]
-        values = await self.ctx.redis.mget(keys) if keys else []
-        return {tp: -1 if v is None else int(v) for tp, v in zip(tps, values)}
+        k = self.ctx.keys
+        keys = [k.checkpoint(self.consumer.name, t, p) for t, p in tps]
+        *values, oldest, current = await self.ctx.redis.mget([*keys, k.seen_oldest, k.seen_current])
+        return ({tp: -1 if v is None else int(v) for tp, v in zip(tps, values)},
+                range(int(oldest or 0), int(current or 0) + 1))
+
+    async def _still_current(self, records: Sequence[Record],
+                             marks: dict[tuple[str, int], int]) -> None:
+        """Step 6's check: raise StaleBatchError if a checkpoint of the batch moved."""
+        now, _ = await self._checkpoints(records)
+        moved = [tp for tp, mark in marks.items() if now[tp] != mark]
+        if moved:
+            raise StaleBatchError(f"checkpoint of {moved[0][0]}[{moved[0][1]}] moved from "
+                                  f"{marks[moved[0]]} to {now[moved[0]]} during this batch")
 
     def _decode(self, records: Sequence[Record], tx: Tx) -> tuple[list[Envelope], dict[str, Record]]:
         events: list[Envelope] = []
@@ -278,12 +325,15 @@ class BatchRunner:
             sources[event.event_id] = r
         return events, sources
 
-    async def _unseen(self, events: list[Envelope]) -> list[Envelope]:
+    async def _unseen(self, events: list[Envelope], epochs: range) -> list[Envelope]:
         if not events:
             return []
-        seen = await self.ctx.redis.smismember(self.ctx.keys.seen(self.consumer.name),
-                                               [e.event_id for e in events])
-        return [e for e, s in zip(events, seen) if not s]
+        ids = [e.event_id for e in events]
+        pipe = self.ctx.redis.pipeline(transaction=False)
+        for epoch in epochs:
+            pipe.smismember(self.ctx.keys.seen(self.consumer.name, epoch), ids)
+        found = [any(hits) for hits in zip(*await pipe.execute())]
+        return [e for e, seen in zip(events, found) if not seen]
 
     def _keyed_task(self, r: Record) -> str | None:
         """The task id a tasks-topic record's key names (SPEC §3: key = task id), or None for
@@ -328,18 +378,8 @@ class BatchRunner:
             tx.emit("tasks", make_event(done, producer=producer, cause=event or dl,
                                         discriminator="dead_lettered"))
 
-    async def _produce(self, tx: Tx) -> None:
-        if not tx.emitted:
-            return
-        producer = self.ctx.producer
-        if producer is None:
-            raise RuntimeError("live consumer without a producer")
-        acks = [await producer.send(self.ctx.topics.name(role), key, encode(event))
-                for role, key, event in tx.emitted]
-        await asyncio.gather(*acks)
-
     async def _commit(self, records: Sequence[Record], marks: dict[tuple[str, int], int],
-                      applied: Iterable[Envelope], tx: Tx) -> None:
+                      epochs: range, applied: Iterable[Envelope], tx: Tx) -> None:
         keys = self.ctx.keys
         top: dict[tuple[str, int], int] = {}
         for r in records:
@@ -348,27 +388,36 @@ class BatchRunner:
         ckpt = {keys.checkpoint(self.consumer.name, t, p): off for (t, p), off in top.items()}
         expected = [marks[tp] for tp in top]
         ids = [e.event_id for e in applied]
-        try:
-            async with self.ctx.redis.pipeline(transaction=True) as pipe:
-                await pipe.watch(*ckpt)
-                current = await pipe.mget(list(ckpt))
-                for key, cur, mark in zip(ckpt, current, expected):
-                    if (-1 if cur is None else int(cur)) != mark:
-                        raise StaleBatchError(f"{key} moved from {mark} to {cur} during this batch")
-                pipe.multi()
-                for w in tx.writes:
-                    w(pipe)
-                if ids:
-                    pipe.sadd(keys.seen(self.consumer.name), *ids)
-                pipe.mset({k: str(v) for k, v in ckpt.items()})
-                await pipe.execute()
-        except WatchError:
-            # redis-py also raises WatchError when the connection dropped while watching (at
-            # any point after WATCH): only a checkpoint that really moved makes this batch stale
-            now = await self.ctx.redis.mget(list(ckpt))
-            if [(-1 if v is None else int(v)) for v in now] == expected:
+        watched = [*ckpt, keys.seen_current]
+        known_epoch = epochs.stop - 1  # as step 1 read it
+        while True:
+            try:
+                async with self.ctx.redis.pipeline(transaction=True) as pipe:
+                    await pipe.watch(*watched)
+                    *current, epoch = await pipe.mget(watched)
+                    for key, cur, mark in zip(ckpt, current, expected):
+                        if (-1 if cur is None else int(cur)) != mark:
+                            raise StaleBatchError(f"{key} moved from {mark} to {cur} during this batch")
+                    pipe.multi()
+                    for w in tx.writes:
+                        w(pipe)
+                    if ids:
+                        pipe.sadd(keys.seen(self.consumer.name, int(epoch or 0)), *ids)
+                    pipe.mset({k: str(v) for k, v in ckpt.items()})
+                    await pipe.execute()
+                    return
+            except WatchError:
+                # redis-py also raises WatchError when the connection dropped while watching
+                # (at any point after WATCH): only a checkpoint that really moved makes this
+                # batch stale, and a seen epoch that moved (streams/seen.py) only a retry
+                *now, now_epoch = await self.ctx.redis.mget(watched)
+                if [(-1 if v is None else int(v)) for v in now] != expected:
+                    raise StaleBatchError(
+                        f"a checkpoint of {self.consumer.name} moved during commit") from None
+                if int(now_epoch or 0) != known_epoch:
+                    known_epoch = int(now_epoch or 0)
+                    continue
                 raise RedisConnectionError("connection lost during commit") from None
-            raise StaleBatchError(f"a checkpoint of {self.consumer.name} moved during commit") from None
 
     async def _redis(self, step: Callable[[], Awaitable[Any]]) -> Any:
         """Run a step that talks to Redis; while Redis is unreachable, pause and retry."""
@@ -388,6 +437,22 @@ class BatchRunner:
                 log.warning("%s resumed: Redis is back", self.consumer.name)
                 self._paused = False
             return result
+
+
+async def produce(tx: Tx) -> None:
+    """Send ``tx``'s emitted events in order and wait for every ack (step 5).
+
+    Raises:
+        RuntimeError: the context has no producer.
+    """
+    if not tx.emitted:
+        return
+    producer = tx.ctx.producer
+    if producer is None:
+        raise RuntimeError("live consumer without a producer")
+    acks = [await producer.send(tx.ctx.topics.name(role), key, encode(event))
+            for role, key, event in tx.emitted]
+    await asyncio.gather(*acks)
 
 
 def _position_id(position: str, consumer: str) -> str:

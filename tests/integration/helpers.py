@@ -44,6 +44,15 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[Path]:
         stop_worker(proc)
 
 
+def kill_worker(proc: subprocess.Popen) -> None:
+    """SIGKILL the worker's whole process group (it runs in its own session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
 async def submit(settings: Settings, registry: TopicRegistry, tasks: list[TaskSubmitted]) -> None:
     async with EventProducer(settings.require_kafka()) as p:
         await p.send_events(registry.name("tasks"), [make_event(t, producer="test") for t in tasks])

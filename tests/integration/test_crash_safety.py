@@ -11,10 +11,7 @@ fresh namespace equals the live projections key by key.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
-import signal
-import subprocess
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -33,7 +30,7 @@ from streams.keys import Keys
 from streams.pipeline import build_consumers, wait_caught_up
 from streams.replay import replay, verify
 from streams.topics import TopicRegistry
-from tests.integration.helpers import events, providers_file
+from tests.integration.helpers import events, kill_worker, providers_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -51,19 +48,19 @@ PROVIDERS = "providers:\n" + "".join(
                                  ("beta", "claude-opus-4", 0.85, 0.03)))
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the worker's whole process group (it runs in its own session)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
-
-
 def _kill_points(rng: random.Random) -> list[int]:
     """Progress (rewards the Q-learner committed) at which to kill: one random point in each
     of three disjoint windows of the run, so every kill hits a worker with tasks in flight."""
     return [int(rng.uniform(lo, hi) * N_TASKS) for lo, hi in KILL_WINDOWS[:KILLS]]
+
+
+async def _wait_epochs(r: Redis, keys: Keys, at_least: int, timeout_s: float) -> int:
+    """Poll the seen epoch counter until it reaches ``at_least``; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    while (epochs := int(await r.get(keys.seen_current) or 0)) < at_least \
+            and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    return epochs
 
 
 async def _wait_all_completed(settings: Settings, registry: TopicRegistry, ids: set[str],
@@ -108,6 +105,8 @@ async def test_sigkill_three_times_no_reward_applied_twice_none_lost(
     # small batches: progress moves in steps of at most 100 tasks, so no single batch can
     # jump over a kill point and finish the run before the third kill
     monkeypatch.setenv("RMO_BATCH_MAX", "100")
+    # seen epochs close every second (streams/seen.py): commits race closes across the kills
+    monkeypatch.setenv("RMO_SEEN_ROTATE_S", "1")
     pfile = providers_file(tmp_path, PROVIDERS)
     s = settings.model_copy(update={"providers_file": pfile, "sandbox": "off",
                                     "validator_levels": ("syntax",), "seed": SEED})
@@ -140,7 +139,7 @@ async def test_sigkill_three_times_no_reward_applied_twice_none_lost(
                 + log.read_text(errors="replace")[-3000:]
             if progress >= kill_at[len(kills)] and progress > base:
                 await asyncio.sleep(rng.uniform(0.0, 0.1))  # a random moment inside a batch
-                _kill(proc)
+                kill_worker(proc)
                 base = int(await r.hget(keys.qmeta, "updates") or 0)
                 kills.append((base, round(time.monotonic() - started, 1)))
                 proc = spawn_worker(s, log)
@@ -150,8 +149,12 @@ async def test_sigkill_three_times_no_reward_applied_twice_none_lost(
         assert len(kills) == KILLS, kills
         run_s = time.monotonic() - started
         caught_up = await wait_caught_up(s, topics, r, timeout_s=60)
-        stop_worker(proc)
         assert caught_up, "projections did not catch up with the log within 60 s"
+        # every consumer has now read past every recorded close, so the live worker's next
+        # tick (every RMO_SEEN_ROTATE_S) passes the newest one and closes another epoch: the
+        # rotation ran in this run, whatever the burst's backpressure let it close during it
+        epochs = await _wait_epochs(r, keys, 2, timeout_s=15)
+        stop_worker(proc)
 
         distinct, copies = await _completions(s, topics, ids)
         duplicates = sum(n - 1 for n in copies.values())
@@ -176,6 +179,11 @@ async def test_sigkill_three_times_no_reward_applied_twice_none_lost(
         assert int(counters.get("tasks:passed", 0)) > 0 and int(counters.get("tasks:failed", 0)) > 0
         assert len(rewards) == N_TASKS
         assert updates == len(rewards), "a reward was applied twice or lost by the Q-learner"
+        # a close is passed once every consumer read past it: in a burst, once the analyzer
+        # is through the whole backlog (its fetches wait on the executor's), so the run
+        # closes a few epochs, not one per second, and maybe only at its end
+        assert epochs >= 2, f"the workers closed {epochs} seen epochs in {run_s:.0f} s " \
+            f"and 15 s after catching up: {await r.hgetall(keys.seen_closes)}"
 
         report = await replay(s, topics, build_consumers(s, load_providers(pfile, seed=SEED)), r,
                               rebuilt.namespace)

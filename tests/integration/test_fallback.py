@@ -28,13 +28,15 @@ from tests.integration.helpers import (
 
 pytestmark = pytest.mark.integration
 
-# first in registry order, so the greedy tie-break and exploration both route tasks to it;
-# a short Retry-After keeps the retries' waits to the backoff (0.5-1.5 s)
+# routed to by a fixed policy (RMO_POLICY=provider:down) until its breaker opens, so the first
+# tasks certainly ask it alone (a learning policy may spread them over every action); a short
+# Retry-After keeps the retries' waits to the backoff (0.5-1.5 s)
 DOWN = ("  - id: down\n    kind: sim\n    model: grok-4\n    accuracy: 1.0\n    error_rate: 1.0\n"
         "    timeout_rate: 0.0\n    retry_after_s: 0.05\n    latency_ms: {mean: 1, p95: 2}\n")
 
 
-async def test_every_task_passes_while_one_provider_is_down(settings, topics, tmp_path):
+async def test_every_task_passes_while_one_provider_is_down(settings, topics, tmp_path, monkeypatch):
+    monkeypatch.setenv("RMO_POLICY", "provider:down")
     path = providers_file(tmp_path, "providers:\n" + DOWN + sim("healthy", accuracy=1.0))
     s = settings.model_copy(update={"providers_file": path})
     first, later = humaneval_tasks(16)[:12], humaneval_tasks(16)[12:]

@@ -5,14 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from redis.asyncio import Redis
 
 from models.codec import decode, encode, make_event
 from models.events import Envelope, TaskSubmitted
-from streams.client import EventProducer
-from streams.keys import Keys
 from streams.projections import CountersProjection, TaskStatusProjection
-from streams.stage import BatchRunner, Consumer, Context, Record, StaleBatchError, Tx
+from streams.stage import BatchRunner, Consumer, Record, StaleBatchError, Tx
 from tests.integration.helpers import events
 
 pytestmark = pytest.mark.integration
@@ -54,15 +51,6 @@ def submitted(i: int, prompt: str = "def f():\n    pass\n") -> Envelope:
 def records(topic: str, evs: list[Envelope], first_offset: int = 0) -> list[Record]:
     return [Record(topic, 0, first_offset + i, e.correlation_id.encode(), encode(e))
             for i, e in enumerate(evs)]
-
-
-@pytest.fixture
-async def ctx(settings, topics):
-    redis = Redis.from_url(settings.redis_url, decode_responses=True)
-    async with EventProducer(settings.require_kafka()) as producer:
-        yield Context(settings=settings, keys=Keys(settings.namespace), topics=topics,
-                      redis=redis, producer=producer)
-    await redis.aclose()
 
 
 async def test_records_at_or_below_the_checkpoint_are_not_applied_again(ctx):

@@ -39,6 +39,18 @@ async def _running(settings, proc, log: Path) -> None:
         await r.aclose()
 
 
+async def _tasks_started(settings, topics, proc) -> None:
+    """Faust starts the app's tasks (the loop watchdog among them) only after the first
+    rebalance's recovery, which may be after the worker announced ``running``; they start
+    together, so the worker's first MetricsSnapshot (its timer is one of them) shows that the
+    watchdog runs."""
+    producer = f"worker.{liveness.HOST}:{proc.pid}"
+    deadline = time.monotonic() + 60
+    while not any(e.producer == producer for e in await events(settings, topics, "metrics")):
+        assert time.monotonic() < deadline, "no MetricsSnapshot from the worker within 60 s"
+        await asyncio.sleep(0.5)
+
+
 async def _stalls(settings, topics, want: set[str], timeout_s: float) -> list:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -58,6 +70,7 @@ async def test_a_blocked_loop_and_a_consumer_without_progress_become_stage_stall
     proc = spawn_worker(s, log)
     try:
         await _running(s, proc, log)
+        await _tasks_started(s, topics, proc)
         os.kill(proc.pid, signal.SIGSTOP)
         await asyncio.sleep(2.0)
         os.kill(proc.pid, signal.SIGCONT)

@@ -358,6 +358,40 @@ async def test_a_detected_pattern_is_proposed_applied_then_rolled_back(settings,
     assert await run(monitor, [reward("y", "claude", False)], settings, redis) == []
 
 
+async def test_outcomes_committed_while_a_proposal_was_in_flight_are_decided_on_a_tick(
+        settings, redis) -> None:
+    """The monitor's last batch ran before the rule it would apply was projected, and no task
+    follows it: the tick decides on what is recorded, caused by no event."""
+    monitor, updater, keys = RuleMonitor(settings), ProtocolUpdater(settings), Keys(settings.namespace)
+    await run(monitor, [reward(f"g{i}", "gemini", False) for i in range(3)]
+              + [reward(f"c{i}", "claude", i >= 2) for i in range(10)], settings, redis)
+    (detected,) = await run(PatternExtractor(settings), [error(f"g{i}") for i in range(3)],
+                            settings, redis)
+    proposed = await run(updater, [detected], settings, redis)
+    assert [e.event_type for e in proposed] == ["ProtocolRuleProposed"]  # 3 of 3: waiting
+    # the rest of gemini's failures land while the proposal is in flight
+    await run(PatternExtractor(settings), [error(f"g{i}") for i in range(3, 6)], settings, redis)
+    assert await run(monitor, [reward(f"g{i}", "gemini", False) for i in range(3, 6)],
+                     settings, redis) == []
+    await run(updater, proposed, settings, redis)  # now projected: proposed
+    assert monitor.tick_s is not None and monitor.tick_s > 0
+    tx = new_tx(settings, redis)
+    await monitor.tick(tx)
+    assert not tx.writes
+    (applied,) = [e for _, _, e in tx.emitted]
+    assert applied.event_type == "ProtocolRuleApplied" and applied.causation_id is None
+    assert applied.payload.rule_id == proposed[0].payload.rule_id
+    # not remembered: until the decision is projected, a tick emits it again, with the same id
+    again = new_tx(settings, redis)
+    await monitor.tick(again)
+    assert [e.event_id for _, _, e in again.emitted] == [applied.event_id]
+    await run(updater, [applied], settings, redis)
+    assert ActiveRules.from_hash(await redis.hgetall(keys.active_rules)).avoided("string") == {"gemini"}
+    done = new_tx(settings, redis)
+    await monitor.tick(done)
+    assert done.emitted == []
+
+
 # --------------------------------------------------------------------------- executor
 
 
