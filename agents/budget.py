@@ -62,6 +62,7 @@ unprojected amount would be forgotten early.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -181,6 +182,12 @@ class WorstCase:
 
     micro: int
     tokens: int
+
+
+def request_text(prompt: str, json_schema: dict | None) -> str:
+    """The text a call's request carries, for :func:`worst_case`: the prompt, and a json
+    task's schema, which providers put into the system prompt (agents/providers/prompting.py)."""
+    return prompt + (json.dumps(json_schema, indent=2, sort_keys=True) if json_schema else "")
 
 
 def worst_case(sent: str, max_output_tokens: int,

@@ -73,7 +73,6 @@ crash re-produces the same ids; the waits between attempts are not part of the l
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -104,6 +103,7 @@ from agents.budget import (
     WorstCase,
     load_budgets,
     micro_ceil,
+    request_text,
     worst_case,
 )
 from agents.consensus import CandidateView, ConsensusResult, decide
@@ -399,8 +399,12 @@ class ExecutorStage(Consumer):
         """
         a: TaskAnalyzed = e.payload
         f = a.features
-        state = (qlearning.make_state(self.previous, f.task_type, f.complexity)
-                 if self.settings.policy_state == "seed" else qlearning.feature_state(f.task_type, f.complexity))
+        job = a.task.job if a.task else None
+        # a job's domain master routes by its own rows of the policy's state (Cortex: each
+        # master learns its own routing): the task type qualified by the master's domain
+        task_type = f"{job.domain}/{f.task_type}" if job is not None else f.task_type
+        state = (qlearning.make_state(self.previous, task_type, f.complexity)
+                 if self.settings.policy_state == "seed" else qlearning.feature_state(task_type, f.complexity))
         skipped = tuple(sorted(p for p in self.providers if not adm.admits(p)))
         forced = self.forced_actions.get(a.task_id)
         if forced is not None:
@@ -416,12 +420,15 @@ class ExecutorStage(Consumer):
         # away from, unless that would leave no action at all
         avoided = self._rules.avoided(f.task_type)
         usable = [x for x in usable if avoided.isdisjoint(x.providers)] or usable
+        # a re-asked job plan must come from another provider than the failed one's
+        if job is not None and job.avoid_providers:
+            usable = [x for x in usable if not set(job.avoid_providers) & set(x.providers)] or usable
         if not usable:
             return _Plan(state, None, None, skipped, self._fallback_order(None, {}),
                          policy=self.policy.name)
         rng = qlearning.seeded_rng(e.event_id, self.settings.seed)
         prompt_tokens = len(a.task.prompt) // 4 if a.task else 0  # ~4 characters per token
-        choice = self.policy.choose(Context(f.task_type, f.complexity, state, index, prompt_tokens),
+        choice = self.policy.choose(Context(task_type, f.complexity, state, index, prompt_tokens),
                                     [x.name for x in usable], snap, rng)
         action = next(x for x in usable if x.name == choice.action)
         trial = frozenset(p for p in action.providers if adm.is_trial(p))
@@ -495,7 +502,7 @@ class ExecutorStage(Consumer):
             kind=task.kind, json_schema=task.json_schema, expected=task.expected,
             must_match=task.must_match, must_contain=task.must_contain,
             entry_point=task.entry_point, test=task.test, prompt=task.prompt,
-            time_limit_ms=float(_time_limit(a)),
+            time_limit_ms=float(_time_limit(a)), job=task.job,
             budget_scope=None if answered else next((o.refused for o in outcomes if o.refused), None),
         )
         tx.emit("executions", make_event(executed, producer="executor", cause=e))
@@ -684,9 +691,8 @@ class ExecutorStage(Consumer):
         tb = out.budget
         if tb is None:
             return None
-        # a schema may be sent in the system prompt (agents/providers/prompting.py): count it
-        schema = json.dumps(req.json_schema, indent=2, sort_keys=True) if req.json_schema else ""
-        worst = worst_case(req.prompt + schema, req.max_output_tokens, provider.price_per_mtok())
+        worst = worst_case(request_text(req.prompt, req.json_schema), req.max_output_tokens,
+                           provider.price_per_mtok())
         if not tb.allowance.take(worst):
             self._refused(provider, n, cause, tx, out, worst, TASK_LINE, False)
         lines = tuple(x for x in self.budget_lines

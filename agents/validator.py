@@ -17,7 +17,15 @@ from agents.outcomes import state_features
 from agents.patterns import is_truncated
 from agents.validation import ValidationOutcome, ValidationRequest, ValidatorConfig, validate_batch
 from models.codec import make_event
-from models.events import Envelope, ErrorLogged, TaskExecuted, TaskValidated, ValidationLevel
+from models.events import (
+    Envelope,
+    ErrorLogged,
+    TaskExecuted,
+    TaskValidated,
+    ValidationLevel,
+    completion_status,
+)
+from models.jobs import SubtaskCompleted
 from streams.config import Settings
 from streams.projections import CountersProjection, TaskStatusProjection
 from streams.stage import Consumer, Tx
@@ -74,6 +82,14 @@ class ValidatorStage(Consumer):
                                   provider=x.chosen, cost_usd=x.cost_usd, tokens=x.tokens,
                                   verified=verified, budget_scope=x.budget_scope)
         tx.emit("validations", make_event(validated, producer="validator", cause=e))
+        if x.job is not None:  # fan-in: the verdict and the accepted answer go to the job
+            done = SubtaskCompleted(
+                job_id=x.job.job_id, subtask_id=x.job.subtask_id, task_id=x.task_id,
+                status=completion_status(passed, verified, x.budget_scope),
+                answer=x.chosen_text if passed or not verified else None, provider=x.chosen,
+                tokens=x.tokens, cost_usd=x.cost_usd, tests_passed=tp, tests_total=tt)
+            tx.emit("jobs", make_event(done, producer="validator", cause=e, discriminator="job"),
+                    key=x.job.job_id)
         # task_type and complexity key the error patterns (agents/patterns.py)
         features = state_features(x.state)
         where = {"task_type": features[0], "complexity": features[1]} if features else {}

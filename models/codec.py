@@ -15,7 +15,8 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
-from models.events import EVENT_TYPES, PAYLOADS, AnyEvent, Envelope, Frozen
+from models.catalogue import EVENT_TYPES, PAYLOADS, AnyEvent
+from models.events import Envelope, Frozen
 
 MAX_VALUE_BYTES = 1_000_000
 """Records larger than this are dead-lettered unread (Kafka's default max.message.bytes)."""

@@ -9,10 +9,8 @@ model, so a single discriminated union (:data:`AnyEvent`) decodes any record and
 from __future__ import annotations
 
 import hashlib
-import operator
 import re
 from datetime import datetime
-from functools import reduce
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -123,6 +121,25 @@ _KIND_IS = {k: {"properties": {"kind": {"const": k}}, "required": ["kind"]}
             for k in ("code", "json", "text")}
 
 
+DOMAIN = r"^[A-Za-z0-9_.-]{1,64}$"
+"""A job master's domain: it qualifies routing state and statistics keys, whose fields are
+joined with tabs and ``|`` (agents/qlearning.py, agents/policy/bandit.py), so neither may
+appear in it."""
+
+
+class JobRef(Frozen):
+    """The job a task is a subtask of (agents/cortex): set by the coordinator on the
+    subtasks it submits and carried on to ``TaskExecuted``, so the validator reports the
+    verdict to the job (``SubtaskCompleted``) and the executor routes by the domain master's
+    own rows. ``avoid_providers``: providers the executor must not route this task to (a
+    re-planned job asks another provider than the one whose plan failed)."""
+
+    job_id: str = Field(min_length=1, max_length=128)
+    subtask_id: str = Field(min_length=1, max_length=64)
+    domain: str = Field(pattern=DOMAIN)
+    avoid_providers: list[str] = Field(default_factory=list)
+
+
 class TaskSubmitted(Frozen):
     """A task enters the pipeline (SPEC §3). What it carries depends on ``kind``:
 
@@ -179,6 +196,7 @@ class TaskSubmitted(Frozen):
         default=None, min_length=1, description=_MUST_CONTAIN_DOC)
     # bounded: a cap in the 1e308s overflowed the budget's integer micro-USD (found by fuzzing)
     max_cost_usd: float | None = Field(default=None, ge=0, le=1e9, description="spending cap in USD")
+    job: JobRef | None = Field(default=None, description="set on a job's subtasks by its coordinator")
 
     @model_validator(mode="after")
     def _fits_kind(self) -> TaskSubmitted:
@@ -371,6 +389,7 @@ class TaskExecuted(Frozen):
     budget_scope: str | None = Field(default=None, description=(
         "set when no provider answered and a budget refused a call: the refusing budget "
         "line (e.g. global/all/total, or task for the task's own cap)"))
+    job: JobRef | None = None  # TaskSubmitted.job, carried on
 
 
 class ValidationLevel(Frozen):
@@ -449,11 +468,18 @@ class RewardComputed(Frozen):
         """The ``TaskCompleted.status`` this reward ends its task with: ``budget_exceeded``
         when a budget left it without an answer, ``unverified`` when nothing checked the
         answer, else ``passed`` or ``failed``."""
-        if self.budget_scope is not None:
-            return "budget_exceeded"
-        if not self.verified:
-            return "unverified"
-        return "passed" if self.passed else "failed"
+        return completion_status(self.passed, self.verified, self.budget_scope)
+
+
+def completion_status(passed: bool, verified: bool, budget_scope: str | None) -> CompletionStatus:
+    """A task's final status from its validation: ``budget_exceeded`` when a budget left it
+    without an answer, ``unverified`` when nothing checked the answer, else ``passed`` or
+    ``failed``."""
+    if budget_scope is not None:
+        return "budget_exceeded"
+    if not verified:
+        return "unverified"
+    return "passed" if passed else "failed"
 
 
 class PatternDetected(Frozen):
@@ -647,52 +673,3 @@ class Envelope(Frozen):
     causation_id: str | None = None
     producer: str
     payload: Any
-
-
-def _envelope(name: str, payload_model: type[Frozen]) -> type[Envelope]:
-    return type(
-        f"{name}Event",
-        (Envelope,),
-        {
-            "__annotations__": {"event_type": Literal[name], "payload": payload_model},  # type: ignore[valid-type]
-            "__doc__": f"Envelope carrying a {name} payload.",
-            "__module__": __name__,
-        },
-    )
-
-
-PAYLOADS: dict[str, type[Frozen]] = {
-    cls.__name__: cls
-    for cls in (
-        TaskSubmitted,
-        TaskAnalyzed,
-        ProviderSelected,
-        FallbackSelected,
-        ProviderCallCompleted,
-        ProviderCallFailed,
-        BreakerTransitioned,
-        BreakerCommand,
-        StageStalled,
-        TaskExecuted,
-        TaskValidated,
-        ErrorLogged,
-        RewardComputed,
-        PatternDetected,
-        ProtocolRuleProposed,
-        ProtocolRuleApplied,
-        ProtocolRuleRejected,
-        ProtocolRuleRolledBack,
-        BudgetExceeded,
-        ReserveGranted,
-        TaskCompleted,
-        MetricsSnapshot,
-        DeadLettered,
-    )
-}
-"""event_type -> payload model."""
-
-EVENT_TYPES: dict[str, type[Envelope]] = {name: _envelope(name, m) for name, m in PAYLOADS.items()}
-"""event_type -> envelope model (what `rmo schema` exports)."""
-
-AnyEvent = Annotated[reduce(operator.or_, EVENT_TYPES.values()), Field(discriminator="event_type")]  # type: ignore[valid-type]
-"""Discriminated union of every envelope type; decode with ``models.codec``."""

@@ -56,7 +56,8 @@ from agents.budget import BudgetUsage
 from agents.providers.registry import ProviderConfigError
 from agents.sandbox import SandboxUnavailable
 from models.events import DeadLettered, TaskSubmitted
-from streams import service
+from models.jobs import JobSubmitted
+from streams import jobs, service
 from streams.client import MAX_OFFSET
 from streams.config import Settings
 
@@ -215,6 +216,16 @@ class BreakerCommandRequest(BaseModel):
     command: Command
     reason: str = Field(default="", max_length=500, description="why, shown in rmo breaker list")
     operator: str = Field(default="", max_length=200, description="who")
+
+
+class ResolveRequest(BaseModel):
+    """``POST /escalations/{id}/resolve``: the subtask's ``answer``, or ``skip: true``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answer: str | None = Field(default=None, description="the escalated subtask's accepted answer")
+    skip: bool = Field(default=False, description="skip the subtask and what depends on it")
+    by: str = Field(default="operator", max_length=200, description="who")
 
 
 class Accepted(BaseModel):
@@ -468,6 +479,64 @@ def create_app(settings: Settings, token: SecretStr | None) -> FastAPI:
         try:
             return await service.retry_dead_letter(settings, event_id)
         except service.DeadLetterNotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @app.post("/jobs", status_code=202, dependencies=write, responses={**WRITE, **UNAVAILABLE})
+    async def submit_job(body: Annotated[JobSubmitted, Body()]) -> jobs.SubmittedJob:
+        """Submit a Cortex job (a ``JobSubmitted``: subtasks with domains and dependencies, or
+        a goal to plan; budget and reserve); 202 once the broker acknowledged it."""
+        try:
+            event = jobs.job_event(body, "body", producer="api.job")
+        except jobs.InvalidJob as exc:
+            raise RequestValidationError([{"loc": ("body",), "msg": exc.problem,
+                                           "type": "value_error"}]) from None
+        return await jobs.submit_job(settings, event)
+
+    @app.get("/jobs", responses={**UNAVAILABLE})
+    async def list_jobs(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[jobs.JobLine]:
+        """The namespace's jobs, newest first: phase, status, subtasks accepted, tokens used."""
+        return await jobs.list_jobs(settings, limit)
+
+    @app.get("/jobs/{job_id}/report", response_model=None, responses={
+        200: {"description": "the job's report", "content": {"text/html": {"schema": {"type": "string"}}}},
+        **NOT_FOUND, **UNAVAILABLE})
+    async def job_report(job_id: Annotated[str, Path(min_length=1, max_length=128)]) -> HTMLResponse:
+        """The job's run report (executive summary, masters, budget flow, timeline) as one
+        self-contained HTML page."""
+        from streams.job_report import build_job_report
+
+        try:
+            return HTMLResponse((await build_job_report(settings, job_id)).page)
+        except jobs.JobNotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @app.get("/jobs/{job_id}", responses={**NOT_FOUND, **UNAVAILABLE})
+    async def job_status(job_id: Annotated[str, Path(min_length=1, max_length=128)]) -> jobs.JobReport:
+        """A job's phase and end status, its masters' budget lines (allocated, used, held,
+        reserve granted; tokens and USD), its subtasks and open escalations."""
+        try:
+            return await jobs.job_status(settings, job_id)
+        except jobs.JobNotFound as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    @app.get("/escalations", responses={**UNAVAILABLE})
+    async def escalations() -> list[jobs.Escalation]:
+        """Open escalations: failed subtasks and exhausted budgets waiting for a person."""
+        return await jobs.list_escalations(settings)
+
+    @app.post("/escalations/{escalation_id:path}/resolve", status_code=202, dependencies=write,
+              responses={**WRITE, **UNAVAILABLE,
+                         404: {"model": ErrorBody, "description": "no such open escalation"}})
+    async def resolve_escalation(escalation_id: Annotated[str, Path(min_length=1, max_length=200)],
+                                 body: ResolveRequest) -> jobs.ResolvedEscalation:
+        """Give the escalated subtask its ``answer``, or ``skip`` it; the job goes on."""
+        if (body.answer is None) == (not body.skip):
+            raise RequestValidationError([{"loc": ("body",), "msg": "give answer or skip: true",
+                                           "type": "value_error"}])
+        try:
+            return await jobs.resolve_escalation(settings, escalation_id, answer=body.answer,
+                                                 skip=body.skip, by=body.by)
+        except jobs.EscalationNotFound as exc:
             raise HTTPException(404, str(exc)) from None
 
     @app.get("/report", response_model=None, responses={

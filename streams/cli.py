@@ -18,7 +18,6 @@ import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -36,6 +35,8 @@ from agents.sandbox import SandboxUnavailable
 from models.codec import json_schemas
 from models.events import Envelope, MetricsSnapshot, TaskSubmitted
 from streams import locate, logs, service
+from streams.cli_common import fail, services
+from streams.cli_jobs import escalations_app, job_app
 from streams.client import MAX_OFFSET
 from streams.config import Settings
 from streams.embedded import EmbeddedServiceError
@@ -52,32 +53,10 @@ breaker_app = typer.Typer(help="The providers' circuit breakers (agents/breaker.
 app.add_typer(breaker_app, name="breaker")
 rules_app = typer.Typer(help="Error patterns and the protocol rules they propose (agents/rules.py).")
 app.add_typer(rules_app, name="rules")
+app.add_typer(job_app, name="job")
+app.add_typer(escalations_app, name="escalations")
 
 log = logging.getLogger("rmo.cli")
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """Print an error naming the fix and return the Exit to raise."""
-    typer.secho(f"error: {message}", err=True, fg="red")
-    return typer.Exit(code)
-
-
-@contextmanager
-def services(settings: Settings | None = None) -> Iterator[Settings]:
-    """Settings with Kafka and Redis resolved (:func:`streams.locate.locate`); embedded
-    services started for this command stop on exit.
-
-    Raises:
-        streams.locate.ServiceUnreachable: a set address or a record does not answer.
-    """
-    settings = settings or Settings()
-    found = locate.locate(settings.kafka_bootstrap_servers, settings.redis_url)
-    try:
-        yield settings.model_copy(update={"kafka_bootstrap_servers": found.bootstrap,
-                                          "redis_url": found.redis_url})
-    finally:
-        for h in found.temporary:
-            h.stop()
 
 
 def redis_client(settings: Settings) -> Redis:
@@ -743,13 +722,24 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON summary on stdout.")] = False,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.")] = 900.0,
     budgets: BudgetsOption = None,
+    job: Annotated[bool, typer.Option("--job", help="Run HumanEval as one Cortex job instead: a master per task type, a testing master's extra tests per problem, budgets from the Cortex table; writes the job's report.")] = False,
+    budget_scale: Annotated[float, typer.Option("--budget-scale", min=0.001, help="With --job: scale the job's budget (0.2: a fifth, which ends with escalations).")] = 1.0,
+    out: Annotated[Path, typer.Option("--out", help="With --job: directory for the job's report.")] = Path("."),
 ) -> None:
     """Run HumanEval (164 problems) through the pipeline and summarize: starts a broker and
-    Redis if none is configured (kept running, like `rmo up`), and a worker if none runs."""
+    Redis if none is configured (kept running, like `rmo up`), and a worker if none runs.
+    With --job, HumanEval runs as a Cortex job through its own worker."""
     from streams.demo import run_demo
 
     if providers is not None and not providers.exists():
         raise fail(f"{providers} does not exist; pass a providers YAML file")
+    if job:
+        if budgets is not None:
+            raise fail("--job budgets come from the Cortex table (--budget-scale), not --budgets")
+        from streams.demo_job import run_demo_job
+
+        raise typer.Exit(run_demo_job(limit=limit, providers=providers, seed=seed, as_json=as_json,
+                                      timeout_s=timeout, budget_scale=budget_scale, out=out))
     code = run_demo(limit=limit, providers=providers, seed=seed, as_json=as_json, timeout_s=timeout,
                     budgets=_budgets_file(budgets))
     raise typer.Exit(code)
@@ -760,7 +750,8 @@ def bench(
     tasks: Annotated[int, typer.Option(help="Tasks of the end-to-end burst (and of the ingest and relay runs).")] = 10000,
     workers: Annotated[int, typer.Option(help="Worker processes for the end-to-end runs.")] = 2,
     load_s: Annotated[float, typer.Option("--load-s", min=1, help="Seconds of the open-loop load at half the burst's tasks/s.")] = 60.0,
-    soak: Annotated[float | None, typer.Option("--soak", min=1, help="Instead: a steady open-loop load for this many seconds, with the workers' RSS and Redis memory after 60 s and at the end.")] = None,
+    soak: Annotated[float | None, typer.Option("--soak", min=1, help="Instead: a steady open-loop load for this many seconds, with the workers' RSS and Redis memory after a 180 s warm-up and at the end (seen and task-status windows of 60 s).")] = None,
+    soak_rate: Annotated[float | None, typer.Option("--soak-rate", min=1, help="Tasks/s of the soak (default: half the burst rate measured first).")] = None,
     profile: Annotated[Path | None, typer.Option("--profile", help="Record the workers with py-spy during the burst into this directory (collapsed stacks) and print the top frames.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     budgets: BudgetsOption = None,
@@ -777,7 +768,7 @@ def bench(
     typer.echo(f"benchmarking ({took}; --json prints one line at the end)", err=True)
     raise typer.Exit(run_bench(tasks=tasks, workers=workers, as_json=as_json,
                                budgets=_budgets_file(budgets), load_s=load_s, soak_s=soak,
-                               profile=profile))
+                               profile=profile, soak_rate=soak_rate))
 
 
 def _seeds(text: str) -> list[int]:

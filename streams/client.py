@@ -93,27 +93,45 @@ async def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None
 
 
 async def high_watermarks(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[int, int]:
-    """partition -> high watermark, from a fetch response (consumes nothing durable)."""
-    hw: dict[int, int] = {}
+    """partition -> high watermark of ``topic``, from a fetch response (consumes nothing
+    durable). Raises TimeoutError when a partition reports none within ``timeout_s``."""
+    return (await topics_high_watermarks(bootstrap, [topic], timeout_s))[topic]
+
+
+async def topics_high_watermarks(bootstrap: str, topics: Sequence[str],
+                                 timeout_s: float = 30.0) -> dict[str, dict[int, int]]:
+    """topic -> partition -> high watermark for each of ``topics``, with one client (SPEC §2:
+    Tansu's high watermark is the one of a fetch response). Raises TimeoutError when a
+    partition reports none within ``timeout_s``.
+
+    Each partition is fetched from ListOffsets' latest offset: Tansu's (the last batch's
+    base + 1) is at or below the high watermark, so the fetch is valid and returns at most
+    that batch, not the partition's history; Apache Kafka's is the high watermark itself."""
+    hw: dict[TopicPartition, int] = {}
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                                 fetch_max_wait_ms=50)
     try:
         await consumer.start()  # inside: a start that fails still closes its connections
-        tps = [TopicPartition(topic, p) for p in await _partitions(consumer, topic)]
+        tps = [TopicPartition(t, p) for t in dict.fromkeys(topics)
+               for p in await _partitions(consumer, t)]
         consumer.assign(tps)
-        for tp in tps:
-            await consumer.seek_to_beginning(tp)
+        for tp, latest in (await consumer.end_offsets(tps)).items():
+            consumer.seek(tp, latest)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             await consumer.getmany(timeout_ms=100)
             for tp in tps:
                 h = consumer.highwater(tp)
-                if h is not None and tp.partition not in hw:
-                    hw[tp.partition] = h
+                if h is not None and tp not in hw:
+                    hw[tp] = h
                     consumer.pause(tp)  # known: stop fetching its records
             if len(hw) == len(tps):
-                return hw
-        raise TimeoutError(f"{topic}: no high watermark reported within {timeout_s} s")
+                out: dict[str, dict[int, int]] = {t: {} for t in topics}
+                for tp, h in hw.items():
+                    out[tp.topic][tp.partition] = h
+                return out
+        missing = sorted({tp.topic for tp in tps if tp not in hw})
+        raise TimeoutError(f"{', '.join(missing)}: no high watermark reported within {timeout_s} s")
     finally:
         await consumer.stop()
 

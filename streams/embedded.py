@@ -199,18 +199,31 @@ def _pid_runs(pid: int, executable: str, start_ticks: int | None = None) -> bool
     except OSError:
         return False
     expected = os.fsencode(executable)
-    # redis-server rewrites its title to "<executable> <host>:<port>" in argv[0]. A zombie
-    # has an empty cmdline, so it never matches: it is already dead.
+    # redis-server rewrites its title to "<executable> <host>:<port>" in argv[0]. A zombie,
+    # and a process already exiting (_exiting), has an empty cmdline, so it never matches.
     if not (argv0 == expected or argv0.startswith(expected + b" ")):
         return False
     return start_ticks is None or process_start_ticks(pid) == start_ticks
+
+
+def _exiting(pid: int) -> bool:
+    """True while ``pid`` is between releasing its memory (its cmdline reads empty) and
+    becoming a zombie (``/proc/PID/stat`` state ``Z``, proc(5)): it has not exited yet, so a
+    parent's wait would still find it running."""
+    try:
+        if Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
 
 
 def _wait_pid_gone(pid: int, executable: str, start_ticks: int | None, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while True:
         _reap_if_child(pid)
-        if not _pid_runs(pid, executable, start_ticks):
+        if not _pid_runs(pid, executable, start_ticks) and not _exiting(pid):
             _reap_if_child(pid)
             return True
         if time.monotonic() >= deadline:

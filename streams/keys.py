@@ -2,7 +2,7 @@
 
 Projection state is everything except the bookkeeping prefixes: ``ckpt`` (last applied offset
 per consumer and topic-partition), ``seen`` (event ids a consumer applied, for dropping
-re-produced duplicates) and ``eph`` (ephemeral coordination: heartbeats, half-open permits, budget reservations).
+re-produced duplicates, in epoch buckets that expire: streams/seen.py) and ``eph`` (ephemeral coordination: heartbeats, half-open permits, budget reservations).
 ``rmo replay --verify`` compares projection state only.
 """
 
@@ -108,11 +108,47 @@ class Keys:
         """Hash: rule id -> JSON ``{"kind", "params"}`` of each rule in force (the executor's read)."""
         return self._k("learn", "active")
 
+    def job(self, job_id: str) -> str:
+        """String: one job's coordinator state as JSON (agents/cortex/job.py ``JobState``)."""
+        return self._k("job", job_id)
+
+    @property
+    def jobs(self) -> str:
+        """Sorted set: job id -> its submission time (epoch s)."""
+        return self._k("jobs")
+
+    @property
+    def job_deadlines(self) -> str:
+        """Sorted set: open job id -> its deadline (epoch s), for the coordinator's tick."""
+        return self._k("jobs", "deadlines")
+
+    @property
+    def escalations(self) -> str:
+        """Hash: open escalation id -> JSON {job_id, subtask_id, domain, reason, detail}."""
+        return self._k("escalations")
+
     def checkpoint(self, consumer: str, topic: str, partition: int) -> str:
         return self._k("ckpt", consumer, topic, partition)
 
-    def seen(self, consumer: str) -> str:
-        return self._k("seen", consumer)
+    def seen(self, consumer: str, epoch: int) -> str:
+        """Set: the event ids ``consumer`` applied while ``epoch`` was the current seen epoch
+        (streams/seen.py)."""
+        return self._k("seen", consumer, epoch)
+
+    @property
+    def seen_current(self) -> str:
+        """String: the seen epoch commits add applied ids to (absent: 0; streams/seen.py)."""
+        return self._k("seen", "_epoch", "current")
+
+    @property
+    def seen_oldest(self) -> str:
+        """String: the oldest seen epoch whose buckets may still exist (absent: 0)."""
+        return self._k("seen", "_epoch", "oldest")
+
+    @property
+    def seen_closes(self) -> str:
+        """Hash: ``{epoch}`` -> JSON close record of that seen epoch (streams/seen.py)."""
+        return self._k("seen", "_epoch", "closes")
 
     def ephemeral(self, *parts: object) -> str:
         return self._k("eph", *parts)

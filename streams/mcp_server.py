@@ -26,7 +26,8 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from models.events import TaskSubmitted
-from streams import service
+from models.jobs import JobSubmitted
+from streams import jobs, service
 from streams.config import Settings
 
 INSTRUCTIONS = (
@@ -34,7 +35,10 @@ INSTRUCTIONS = (
     "and learning stages over Kafka. Submit with submit_task, then poll task_status until its "
     "status is final (passed, failed, rejected, unverified, dead_lettered, budget_exceeded); "
     "task_lineage shows every event of a task; replay_verify rebuilds the state from the log "
-    "and compares it with the live state.")
+    "and compares it with the live state. A Cortex job (submit_job: subtasks with domains and "
+    "dependencies, or a goal to plan, and a budget) runs through the same stages; poll "
+    "job_status until its phase is done, answer list_escalations with resolve_escalation, "
+    "read job_report.")
 
 
 def create_server(settings: Settings) -> MCPServer:
@@ -88,6 +92,61 @@ def create_server(settings: Settings) -> MCPServer:
             raise ToolError("choose one of from_offset, from_time")
         return await service.replay(settings, from_offset=from_offset, from_time=from_time,
                                     verify=True)
+
+    @mcp.tool()
+    async def submit_job(job: JobSubmitted) -> jobs.SubmittedJob:
+        """Submit a Cortex job: subtasks (task payloads with a domain and depends_on) or only
+        a goal for the coordinator to plan, a token/USD budget and an emergency reserve.
+        Poll job_status until its phase is done."""
+        try:
+            event = jobs.job_event(job, "job", producer="mcp.job")
+        except jobs.InvalidJob as exc:
+            raise ToolError(str(exc)) from None
+        return await jobs.submit_job(settings, event)
+
+    @mcp.tool()
+    async def job_status(job_id: Annotated[str, Field(min_length=1, max_length=128)]) -> jobs.JobReport:
+        """A job's phase (planning, running, done) and end status, its masters' budget lines
+        (allocated, used, held), its subtasks and open escalations."""
+        try:
+            return await jobs.job_status(settings, job_id)
+        except jobs.JobNotFound as exc:
+            raise ToolError(str(exc)) from None
+
+    @mcp.tool(structured_output=True)
+    async def list_jobs() -> list[jobs.JobLine]:
+        """The namespace's jobs, newest first: phase, end status, subtasks accepted, tokens used."""
+        return await jobs.list_jobs(settings)
+
+    @mcp.tool()
+    async def job_report(job_id: Annotated[str, Field(min_length=1, max_length=128)]) -> str:
+        """The job's run report as Markdown: executive summary, each master's budget line
+        (allocated, used, efficiency, reallocatable), the timeline, the artefacts."""
+        from streams.job_report import build_job_report
+
+        try:
+            return (await build_job_report(settings, job_id)).markdown
+        except jobs.JobNotFound as exc:
+            raise ToolError(str(exc)) from None
+
+    @mcp.tool(structured_output=True)
+    async def list_escalations() -> list[jobs.Escalation]:
+        """Open escalations: subtasks that failed after retries, or whose master's budget is
+        exhausted with the reserve denied."""
+        return await jobs.list_escalations(settings)
+
+    @mcp.tool()
+    async def resolve_escalation(
+        escalation_id: Annotated[str, Field(min_length=1, max_length=200)],
+        answer: Annotated[str | None, Field(description="the subtask's answer")] = None,
+        skip: Annotated[bool, Field(description="skip the subtask and its dependents")] = False,
+    ) -> jobs.ResolvedEscalation:
+        """Answer an open escalation or skip it; the job goes on."""
+        try:
+            return await jobs.resolve_escalation(settings, escalation_id, answer=answer,
+                                                 skip=skip, by="mcp")
+        except (jobs.EscalationNotFound, ValueError) as exc:
+            raise ToolError(str(exc)) from None
 
     @mcp.tool()
     async def metrics_summary() -> service.MetricsSummary:

@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 from redis.asyncio import Redis
 
 from agents.analyzer import AnalyzerStage
+from agents.cortex.coordinator import Coordinator
 from agents.executor import ExecutorStage, breaker_config, qconfig
 from agents.learning import QTableConsumer, RewardStage
 from agents.patterns import PatternExtractor
 from agents.providers.base import Provider
 from agents.rules import ProtocolUpdater, RuleMonitor
 from agents.validator import ValidatorStage
-from streams.client import high_watermarks
+from streams.client import topics_high_watermarks
 from streams.config import Settings
 from streams.keys import Keys
 from streams.projections import BreakerProjection, BudgetProjection
@@ -36,6 +38,7 @@ SOURCES: tuple[tuple[str, str], ...] = (
     (PatternExtractor.name, PatternExtractor.source),
     (ProtocolUpdater.name, ProtocolUpdater.source),
     (RuleMonitor.name, RuleMonitor.source),
+    (Coordinator.name, Coordinator.source),
 )
 """(consumer name, source role) of every consumer, in pipeline order."""
 
@@ -44,7 +47,8 @@ def build_consumers(settings: Settings, providers: dict[str, Provider]) -> list[
     """analyzer -> executor (+ breaker and budget projections of its calls) -> validator ->
     learning (+ the Q-table consumer of the rewards topic), and the learning subsystem's
     error patterns (errors topic), protocol rules (learning topic) and task outcomes with the
-    rules' evaluation (rewards topic; agents/rules.py)."""
+    rules' evaluation (rewards topic; agents/rules.py), and the Cortex jobs' coordinator
+    (jobs topic; agents/cortex)."""
     return [
         AnalyzerStage(),
         ExecutorStage(providers, settings),
@@ -56,7 +60,27 @@ def build_consumers(settings: Settings, providers: dict[str, Provider]) -> list[
         PatternExtractor(settings),
         ProtocolUpdater(settings),
         RuleMonitor(settings),
+        Coordinator(),
     ]
+
+
+async def source_watermarks(settings: Settings, registry: TopicRegistry,
+                            sources: Sequence[tuple[str, str]] = SOURCES) -> dict[str, int]:
+    """Checkpoint key -> high watermark of its source partition, for every consumer of
+    ``sources`` ((name, source role) pairs) and every partition holding records (from fetch
+    responses)."""
+    keys = Keys(settings.namespace)
+    topics = {name: registry.name(role) for name, role in sources}
+    hws = await topics_high_watermarks(settings.require_kafka(), list(topics.values()))
+    return {keys.checkpoint(name, topic, partition): hw
+            for name, topic in topics.items() for partition, hw in hws[topic].items() if hw > 0}
+
+
+async def reached(redis: Redis, target: dict[str, int]) -> bool:
+    """True when every checkpoint key of ``target`` (:func:`source_watermarks`) reached its
+    high watermark: its consumer applied every record below it (checkpoint >= hw - 1)."""
+    marks = await redis.mget(list(target)) if target else []
+    return all(m is not None and int(m) >= hw - 1 for m, hw in zip(marks, target.values()))
 
 
 async def wait_caught_up(settings: Settings, registry: TopicRegistry, redis: Redis,
@@ -68,23 +92,11 @@ async def wait_caught_up(settings: Settings, registry: TopicRegistry, redis: Red
     Watermarks are read again only once the checkpoints reached the last ones read (catching
     up produces downstream events); equal twice in a row means done.
     """
-    keys = Keys(settings.namespace)
     deadline = time.monotonic() + timeout_s
-
-    async def watermarks() -> dict[str, int]:
-        out = {}
-        for name, role in SOURCES:
-            topic = registry.name(role)
-            for partition, hw in (await high_watermarks(settings.require_kafka(), topic)).items():
-                if hw > 0:
-                    out[keys.checkpoint(name, topic, partition)] = hw
-        return out
-
-    target = await watermarks()
+    target = await source_watermarks(settings, registry)
     while time.monotonic() < deadline:
-        marks = await redis.mget(list(target)) if target else []
-        if all(m is not None and int(m) >= hw - 1 for m, hw in zip(marks, target.values())):
-            latest = await watermarks()
+        if await reached(redis, target):
+            latest = await source_watermarks(settings, registry)
             if latest == target:
                 return True
             target = latest

@@ -182,7 +182,8 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 # --------------------------------------------------------------------------- figures
 
 
-def _figure(height: float = 3.6) -> tuple[Figure, Any]:
+def new_figure(height: float = 3.6) -> tuple[Figure, Any]:
+    """A 10-inch-wide figure (``height`` inches) and its one axes, laid out by matplotlib."""
     fig = Figure(figsize=(10, height), dpi=DPI, layout="constrained")
     return fig, fig.subplots()
 
@@ -224,7 +225,7 @@ def _cumulative(events: Iterable[tuple[datetime, float]]) -> tuple[list[datetime
 
 
 def plot_completions(log: Log) -> Figure:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     done = _completions(log)
     if not done:
         _empty(ax, "completed tasks")
@@ -248,7 +249,7 @@ def _by_provider(events: Iterable[Event]) -> dict[str, list[Event]]:
 
 
 def plot_provider_pass_rate(log: Log) -> Figure:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     answered = [e for e in _completions(log) if e.payload.get("provider")
                 and e.payload.get("status") in ("passed", "failed")]
     if not answered:
@@ -270,7 +271,7 @@ def plot_provider_pass_rate(log: Log) -> Figure:
 
 
 def plot_provider_cost(log: Log) -> Figure:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     calls = log.of("ProviderCallCompleted", "ProviderCallFailed")
     if not calls:
         _empty(ax, "provider calls")
@@ -285,7 +286,7 @@ def plot_provider_cost(log: Log) -> Figure:
 
 
 def plot_provider_latency(log: Log) -> Figure:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     calls = log.of("ProviderCallCompleted", "ProviderCallFailed")
     if not calls:
         _empty(ax, "provider calls")
@@ -360,7 +361,7 @@ def _in_window(points: Sequence[LearnPoint], log: Log) -> list[LearnPoint]:
 
 
 def plot_epsilon(log: Log, cfg: qlearning.QConfig) -> Figure:
-    fig, ax = _figure(3.2)
+    fig, ax = new_figure(3.2)
     curve = _in_window(learning_curve(log.rewards, cfg, None), log)
     decisions = log.of("ProviderSelected")
     if not curve and not decisions:
@@ -384,7 +385,7 @@ def plot_epsilon(log: Log, cfg: qlearning.QConfig) -> Figure:
 
 
 def plot_q_values(log: Log, cfg: qlearning.QConfig) -> Figure:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     state = most_updated_state(log)
     curve = _in_window(learning_curve(log.rewards, cfg, state), log)
     if state is None or not curve:
@@ -431,7 +432,7 @@ def plot_breakers(log: Log) -> Figure:
                                                                "ProviderCallFailed")}
     span = log.span
     segments = breaker_segments(log, providers, *span) if span else {}
-    fig, ax = _figure(max(1.6, 0.6 * len(segments) + 1.2))
+    fig, ax = new_figure(max(1.6, 0.6 * len(segments) + 1.2))
     if not segments:
         _empty(ax, "providers")
         return fig
@@ -467,7 +468,7 @@ def budget_series(calls: Sequence[Event], line: BudgetLine) -> tuple[list[dateti
 
 
 def plot_budget(log: Log, lines: Sequence[BudgetLine]) -> Figure:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     calls = log.of("ProviderCallCompleted", "ProviderCallFailed")
     if not calls:
         _empty(ax, "provider calls")
@@ -526,7 +527,7 @@ def stage_latencies(log: Log) -> dict[str, list[float]]:
 
 
 def plot_stage_latency(log: Log) -> Figure:
-    fig, ax = _figure(4.0)
+    fig, ax = new_figure(4.0)
     data = {k: v for k, v in stage_latencies(log).items() if v}
     if not data:
         _empty(ax, "stage events")
@@ -544,7 +545,7 @@ def plot_stage_latency(log: Log) -> Figure:
 
 
 def plot_deadletters(log: Log) -> Figure:
-    fig, ax = _figure(3.0)
+    fig, ax = new_figure(3.0)
     letters = log.of("DeadLettered")
     if not letters:
         _empty(ax, "dead letters")
@@ -578,7 +579,8 @@ def _pct(a: float, b: float) -> str:
     return f"{100 * a / b:.1f} %" if b else "-"
 
 
-def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+def table_html(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """An HTML table of ``rows`` under ``headers``, every cell escaped."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
                    for row in rows)
@@ -657,7 +659,7 @@ def _summary_html(s: Summary, lines: Sequence[BudgetLine], log: Log) -> str:
         rows.append((f"budget {ln.id}", used_text))
     if not lines:
         rows.append(("budgets", "none configured"))
-    return _table(("", "value"), rows)
+    return table_html(("", "value"), rows)
 
 
 def _providers_html(log: Log) -> str:
@@ -676,7 +678,7 @@ def _providers_html(log: Log) -> str:
                      _pct(passed, len(answered)),
                      f"${sum(float(e.payload.get('cost_usd', 0.0)) for e in mine):.6f}",
                      f"{_percentile(lat, 0.5):.1f}", f"{_percentile(lat, 0.95):.1f}", trips[p]))
-    return _table(("provider", "calls", "failed", "tasks answered", "pass rate", "cost USD",
+    return table_html(("provider", "calls", "failed", "tasks answered", "pass rate", "cost USD",
                    "p50 ms", "p95 ms", "trips"), rows)
 
 
@@ -686,11 +688,13 @@ def _innermost(stack: str) -> str:
     return lines[-1].strip() if lines else "-"
 
 
-def _fmt_time(t: datetime) -> str:
+def fmt_time(t: datetime) -> str:
+    """``t`` in UTC as ``YYYY-MM-DD HH:MM:SS.mmmZ``."""
     return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
-def _figure_html(name: str, fig: Figure, caption: str) -> str:
+def figure_html(name: str, fig: Figure, caption: str) -> str:
+    """``fig`` as an ``<img id="plot-{name}">`` of embedded PNG, with its caption."""
     return (f'<figure><img id="plot-{name}" alt="{html.escape(caption)}" '
             f'src="data:image/png;base64,{_png(fig)}"><figcaption>{html.escape(caption)}'
             "</figcaption></figure>")
@@ -744,7 +748,7 @@ def render(log: Log, namespace: str, since: datetime | None, lines: Sequence[Bud
     ``cfg`` the run's Q-learning settings (:func:`learning_curve`)."""
     s = summarize(log)
     span = log.span
-    window = (f"{_fmt_time(span[0])} to {_fmt_time(span[1])}" if span else "no events")
+    window = (f"{fmt_time(span[0])} to {fmt_time(span[1])}" if span else "no events")
     figures = {
         "completions": (plot_completions(log), "Completed tasks over time, per final status."),
         "provider-pass-rate": (plot_provider_pass_rate(log),
@@ -761,21 +765,21 @@ def render(log: Log, namespace: str, since: datetime | None, lines: Sequence[Bud
         "stage-latency": (plot_stage_latency(log), "Time each stage took per event (ms)."),
         "deadletters": (plot_deadletters(log), "Dead-lettered records per stage and error type."),
     }
-    img = {name: _figure_html(name, fig, caption) for name, (fig, caption) in figures.items()}
-    transitions = _table(("time", "provider", "from", "to", "trigger", "reason"), (
-        (_fmt_time(e.at), e.payload.get("provider"), e.payload.get("from_state"),
+    img = {name: figure_html(name, fig, caption) for name, (fig, caption) in figures.items()}
+    transitions = table_html(("time", "provider", "from", "to", "trigger", "reason"), (
+        (fmt_time(e.at), e.payload.get("provider"), e.payload.get("from_state"),
          e.payload.get("to_state"), e.payload.get("trigger", ""), e.payload.get("reason", ""))
         for e in log.of("BreakerTransitioned")))
-    stages = _table(("stage", "events", "p50 ms", "p95 ms", "max ms"), (
+    stages = table_html(("stage", "events", "p50 ms", "p95 ms", "max ms"), (
         (k, len(v), f"{_percentile(v, 0.5):,.1f}", f"{_percentile(v, 0.95):,.1f}",
          f"{max(v):,.1f}") for k, v in stage_latencies(log).items() if v))
-    letters = _table(("time", "stage", "error type", "source", "reason"), (
-        (_fmt_time(e.at), e.payload.get("stage"), e.payload.get("error_type"),
+    letters = table_html(("time", "stage", "error type", "source", "reason"), (
+        (fmt_time(e.at), e.payload.get("stage"), e.payload.get("error_type"),
          (f"{e.payload.get('source_topic')}[{e.payload.get('source_partition')}]"
           f"@{e.payload.get('source_offset')}"), str(e.payload.get("reason", ""))[:300])
         for e in log.of("DeadLettered")))
-    stalls = _table(("time", "worker", "kind", "stage", "stalled ms", "lag", "where"), (
-        (_fmt_time(e.at), e.payload.get("worker"), e.payload.get("kind"), e.payload.get("stage") or "-",
+    stalls = table_html(("time", "worker", "kind", "stage", "stalled ms", "lag", "where"), (
+        (fmt_time(e.at), e.payload.get("worker"), e.payload.get("kind"), e.payload.get("stage") or "-",
          f"{float(e.payload.get('stalled_ms', 0)):,.0f}", e.payload.get("lag") or "-",
          _innermost(e.payload.get("stack") or "")) for e in log.of("StageStalled")))
     errors = Counter(e.payload.get("category", "?") for e in log.of("ErrorLogged"))
@@ -784,8 +788,8 @@ def render(log: Log, namespace: str, since: datetime | None, lines: Sequence[Bud
     body = f"""
 <h1>Fractal-RMO run report</h1>
 <p class="meta">namespace <b>{html.escape(namespace)}</b>; events {window} ({log.count:,} events
-{'since ' + html.escape(_fmt_time(since)) if since else 'in the whole log'});
-generated {_fmt_time(generated)}</p>
+{'since ' + html.escape(fmt_time(since)) if since else 'in the whole log'});
+generated {fmt_time(generated)}</p>
 <h2>Summary</h2>
 {_summary_html(s, lines, log)}
 {img['completions']}

@@ -25,7 +25,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from pydantic import BaseModel, Field, ValidationError
@@ -703,6 +703,9 @@ async def budget_report(settings: Settings) -> list[BudgetUsage]:
 # --------------------------------------------------------------------------- submit
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
 class InvalidTask(ValueError):
     """A task is not a valid ``TaskSubmitted``. ``where`` names it (``stdin:2``, ``tasks.jsonl:7``,
     ``body[0]``), ``problem`` says what is wrong, naming the field(s) as spelled on the wire;
@@ -754,18 +757,27 @@ def parse_tasks(lines: Iterable[str], source: str, producer: str = "cli.submit")
         if not line.strip():
             continue
         where = f"{source}:{n}"
-        try:
-            raw = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidTask(where, f"not JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise InvalidTask(where, f"a JSON {type(raw).__name__}, not an object")
-        try:
-            task = TaskSubmitted.model_validate(raw)
-        except ValidationError as exc:
-            raise InvalidTask(where, describe_validation(exc, limit=5)) from None
-        events.append(task_event(task, where, producer))
+        events.append(task_event(parse_object(line, where, TaskSubmitted), where, producer))
     return events
+
+
+def parse_object(text: str, where: str, model: type[M], error: type[InvalidTask] = InvalidTask) -> M:
+    """``text``, one JSON object, as ``model``.
+
+    Raises:
+        ``error`` (``where``, the problem): not JSON, not an object, or not a valid ``model``
+            (the problem names the field and what is allowed, at most 5 problems).
+    """
+    try:
+        raw = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise error(where, f"not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise error(where, f"a JSON {type(raw).__name__}, not an object")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise error(where, describe_validation(exc, limit=5)) from None
 
 
 async def create_topics(settings: Settings) -> list[str]:

@@ -15,7 +15,7 @@ log = logging.getLogger("rmo.topics")
 
 ROLES = (
     "tasks", "analyses", "executions", "decisions", "calls", "validations",
-    "errors", "rewards", "learning", "metrics", "system", "deadletter",
+    "errors", "rewards", "learning", "metrics", "system", "deadletter", "jobs",
 )
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "topics.yaml"
 

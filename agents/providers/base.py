@@ -18,6 +18,9 @@ from typing import ClassVar, Literal
 
 from agents.providers.pricing import price_per_mtok
 
+DEFAULT_MAX_OUTPUT_TOKENS = 1024
+"""The answer cap of a call (tokens) unless a rule raises it (agents/rules.py)."""
+
 
 @dataclass(frozen=True)
 class ProviderRequest:
@@ -37,7 +40,7 @@ class ProviderRequest:
     entry_point: str | None
     task_type: str
     attempt: int = 0
-    max_output_tokens: int = 1024
+    max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
     json_schema: dict | None = None
 
 

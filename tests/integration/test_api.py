@@ -423,6 +423,46 @@ async def test_a_dead_letter_is_listed_and_retried(api: Api) -> None:
     await client.aclose()
 
 
+def test_a_job_is_submitted_and_followed_and_a_cyclic_one_refused(api: Api) -> None:
+    job = {"job_id": "api-job", "budget_tokens": 50_000, "subtasks": [
+        {"id": "a", "domain": "docs", "kind": "text", "prompt": "Name a prime."},
+        {"id": "b", "domain": "docs", "kind": "text", "prompt": "Check it.", "depends_on": ["a"]}]}
+    r = httpx.post(f"{api.url}/jobs", json=job, headers=api.auth, timeout=60)
+    assert r.status_code == 202, r.text
+    assert r.json()["job_id"] == "api-job" and r.json()["topic"] == api.registry.name("jobs")
+    deadline = time.monotonic() + 120
+    while True:
+        st = httpx.get(f"{api.url}/jobs/api-job", timeout=10)
+        if st.status_code == 200 and st.json()["phase"] == "done":
+            break
+        assert st.status_code in (200, 404) and time.monotonic() < deadline, st.text
+        time.sleep(0.3)
+    report = st.json()
+    assert report["status"] == "completed" and set(report["artefacts"]) == {"a", "b"}
+    assert [m["domain"] for m in report["masters"]] == ["docs"]
+    assert report["masters"][0]["tokens_allocated"] == 50_000 and report["tokens_used"] > 0
+    listed = httpx.get(f"{api.url}/jobs", timeout=10).json()
+    assert [(j["job_id"], j["status"], j["accepted"], j["subtasks"]) for j in listed] == \
+        [("api-job", "completed", 2, 2)]
+    page = httpx.get(f"{api.url}/jobs/api-job/report", timeout=60)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="plot-budget-flow"' in page.text
+    assert httpx.get(f"{api.url}/jobs/nope/report", timeout=10).status_code == 404
+    cyclic = {**job, "job_id": "api-cycle", "subtasks": [
+        {**job["subtasks"][0], "depends_on": ["b"]}, job["subtasks"][1]]}
+    bad = httpx.post(f"{api.url}/jobs", json=cyclic, headers=api.auth, timeout=60)
+    assert bad.status_code == 422 and "dependency cycle: a -> b -> a" in bad.text
+    assert httpx.post(f"{api.url}/jobs", json=job, timeout=60).status_code == 401
+    assert httpx.get(f"{api.url}/jobs/nope", timeout=10).status_code == 404
+    assert httpx.get(f"{api.url}/escalations", timeout=10).json() == []
+    missing = httpx.post(f"{api.url}/escalations/nope/a/resolve", json={"skip": True},
+                         headers=api.auth, timeout=10)
+    assert missing.status_code == 404 and "no open escalation" in missing.text
+    both = httpx.post(f"{api.url}/escalations/nope/a/resolve", json={"skip": True, "answer": "x"},
+                      headers=api.auth, timeout=10)
+    assert both.status_code == 422
+
+
 def test_the_report_is_served_as_self_contained_html(api: Api, passed: dict) -> None:
     r = httpx.get(f"{api.url}/report", timeout=120)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
@@ -455,7 +495,7 @@ def test_fuzzed_requests_get_no_5xx_and_documented_answers(api: Api) -> None:
     # it is tested above
     schema = schema.exclude(path_regex=r"/events$")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 14, [op.label for op in operations]
+    assert len(operations) == 20, [op.label for op in operations]
     for operation in operations:
         cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
                           operation.as_strategy(GenerationMode.NEGATIVE))

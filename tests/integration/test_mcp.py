@@ -30,7 +30,8 @@ from tests.integration.helpers import cli_env, providers_file, rmo_command, sim,
 pytestmark = pytest.mark.integration
 
 TOOLS = {"submit_task", "task_status", "task_lineage", "replay_verify", "metrics_summary",
-         "list_providers"}
+         "list_providers", "submit_job", "job_status", "list_escalations", "resolve_escalation", "list_jobs",
+         "job_report"}
 FINAL = {"passed", "failed", "rejected", "unverified", "dead_lettered", "budget_exceeded"}
 
 

@@ -143,7 +143,7 @@ async def test_replay_rebuilds_the_live_state_exactly(history):
     report = await history.replay(target)
     assert report.events > 0 and set(report.per_consumer) == {
         "analyzer", "executor", "executor.breaker", "validator", "learning", "learning.qtable",
-        "learning.patterns", "learning.rules", "learning.outcomes"}
+        "learning.patterns", "learning.rules", "learning.outcomes", "coordinator"}
     assert report.per_consumer["learning.qtable"] == len(history.completed)
 
     assert await verify(history.redis, history.keys, Keys(target)) == []

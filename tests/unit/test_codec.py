@@ -9,6 +9,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
+from models.catalogue import EVENT_TYPES, PAYLOADS
 from models.codec import (
     MAX_VALUE_BYTES,
     CodecError,
@@ -19,8 +20,6 @@ from models.codec import (
     make_event,
 )
 from models.events import (
-    EVENT_TYPES,
-    PAYLOADS,
     AnalyzerResult,
     BreakerCommand,
     BreakerTransitioned,
@@ -49,6 +48,18 @@ from models.events import (
     TaskSubmitted,
     TaskValidated,
     ValidationLevel,
+)
+from models.jobs import (
+    EscalationRaised,
+    EscalationResolved,
+    JobCompleted,
+    JobDeadlinePassed,
+    JobPlanned,
+    JobSubmitted,
+    MasterActivated,
+    SubtaskCompleted,
+    SubtaskSpec,
+    WorkAssigned,
 )
 
 T0 = datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC)
@@ -166,6 +177,30 @@ def _payloads() -> dict[str, object]:
             source_partition=2, source_offset=41, original_key_b64=None,
             original_value_b64="e30=",
         ),
+        # Cortex jobs (models/jobs.py)
+        **_job_payloads(),
+    }
+
+
+def _job_payloads() -> dict[str, object]:
+    spec = SubtaskSpec(id="a", domain="development", kind="text", prompt="p", depends_on=[])
+    return {
+        "JobSubmitted": JobSubmitted(job_id="j1", subtasks=[spec], budget_tokens=1000, reserve_tokens=100),
+        "JobDeadlinePassed": JobDeadlinePassed(job_id="j1", deadline=T0),
+        "JobPlanned": JobPlanned(job_id="j1", subtasks=[spec], planner="openai", attempt=2),
+        "MasterActivated": MasterActivated(job_id="j1", domain="development", subtasks=1, tokens=900,
+                                           personal_tokens=558, workers_tokens=342),
+        "WorkAssigned": WorkAssigned(job_id="j1", domain="development", subtask_id="a", task_id="j1.a",
+                                     budget_tokens=900, from_reserve_tokens=10),
+        "SubtaskCompleted": SubtaskCompleted(job_id="j1", subtask_id="a", task_id="j1.a",
+                                             status="passed", answer="x", tokens=120),
+        "EscalationRaised": EscalationRaised(escalation_id="j1/a", job_id="j1", subtask_id="a",
+                                             domain="development", reason="subtask_failed",
+                                             detail="task j1.a ended failed"),
+        "EscalationResolved": EscalationResolved(escalation_id="j1/a", job_id="j1", subtask_id="a",
+                                                 answer="by hand"),
+        "JobCompleted": JobCompleted(job_id="j1", status="completed", tokens_used=120,
+                                     artefacts={"a": "x"}),
     }
 
 

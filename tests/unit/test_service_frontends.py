@@ -204,8 +204,10 @@ def test_the_openapi_document_lists_every_operation_and_the_bearer_scheme() -> N
         "/tasks", "/tasks/{task_id}", "/tasks/{task_id}/lineage", "/tasks/{task_id}/events",
         "/tasks/{task_id}/reexecute", "/providers", "/breakers", "/budgets",
         "/metrics/summary", "/replay", "/health", "/breakers/{provider}", "/deadletters",
-        "/deadletters/{event_id}/retry", "/report"}
-    for write in ("/breakers/{provider}", "/deadletters/{event_id}/retry"):
+        "/deadletters/{event_id}/retry", "/report", "/jobs", "/jobs/{job_id}",
+        "/jobs/{job_id}/report", "/escalations", "/escalations/{escalation_id}/resolve"}
+    for write in ("/breakers/{provider}", "/deadletters/{event_id}/retry", "/jobs",
+                  "/escalations/{escalation_id}/resolve"):
         assert doc["paths"][write]["post"]["security"] == [{"HTTPBearer": []}]
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert doc["paths"]["/tasks"]["post"]["security"] == [{"HTTPBearer": []}]
