@@ -235,6 +235,8 @@ def test_a_cyclic_job_is_refused_naming_the_cycle(settings, tmp_path):
 
 
 async def test_fan_in_is_exactly_once_across_worker_sigkills(settings, topics, tmp_path):
+    # a restarted worker rejoins once the killed member's session ends: a short one
+    session = {"RMO_SESSION_TIMEOUT_S": "3"}
     path = providers_file(tmp_path, "providers:\n" + sim("good", accuracy=1.0))
     s = settings.model_copy(update={"providers_file": path, "sandbox": "off",
                                     "validator_levels": ("syntax",)})
@@ -251,7 +253,7 @@ async def test_fan_in_is_exactly_once_across_worker_sigkills(settings, topics, t
     keys = Keys(s.namespace)
     log = tmp_path / "worker.log"
     redis = Redis.from_url(s.require_redis(), decode_responses=True)
-    proc = spawn_worker(s, log)
+    proc = spawn_worker(s, log, extra_env=session)
     kills = []
     try:
         _submit(tmp_path, env, job)
@@ -268,7 +270,7 @@ async def test_fan_in_is_exactly_once_across_worker_sigkills(settings, topics, t
                 await asyncio.sleep(0.05)
             kill_worker(proc)
             kills.append(accepted)
-            proc = spawn_worker(s, log)
+            proc = spawn_worker(s, log, extra_env=session)
         done = await _wait_job(s, topics, "job-kill", log)
         assert await wait_caught_up(s, topics, redis, timeout_s=60)
     finally:
