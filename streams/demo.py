@@ -45,6 +45,8 @@ from streams.topics import TopicRegistry, load_topics
 
 WATCH_INTERVAL_S = 0.5
 """How often a waiting demo checks its workers, in seconds."""
+RECANCEL_S = 1.0
+"""How long a cancelled wait may take to end before it is cancelled again, in seconds."""
 
 
 def humaneval_tasks(limit: int | None = None) -> list[TaskSubmitted]:
@@ -132,9 +134,22 @@ async def guarded(main: Coroutine[Any, Any, None], check: Callable[[], Awaitable
         for task in finished:
             task.result()
     finally:
-        for task in (running, watching):
+        await _cancel((running, watching))
+
+
+async def _cancel(tasks: tuple[asyncio.Task, ...]) -> None:
+    """Cancel ``tasks`` and wait until they have ended, cancelling again every
+    :data:`RECANCEL_S`: a cancellation that lands inside a redis-py command can be swallowed
+    (redis/redis-py#2028, #2551), and the task then runs on; one cancel and a gather hung
+    the demo after its job had settled."""
+    pending = set(tasks)
+    while pending:
+        for task in pending:
             task.cancel()
-        await asyncio.gather(running, watching, return_exceptions=True)
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller already has the result that mattered
 
 
 @dataclass
@@ -416,12 +431,23 @@ def run_demo(*, limit: int | None, providers: Path | None, seed: int, as_json: b
     return run_job(_run(settings, registry, limit, as_json, timeout_s), timeout_s)[1]
 
 
+async def _cancelled_by_sigterm(main: Coroutine[Any, Any, Any]) -> Any:
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await main
+
+
 def run_job(main: Coroutine[Any, Any, Any], timeout_s: float) -> tuple[bool, Any]:
     """``asyncio.run(main)`` for a command that runs tasks through workers: ``(True, its
     result)``, or ``(False, exit code)`` after printing a :class:`DemoError` (with its detail)
-    or a timeout of ``timeout_s`` as the one-line error."""
+    or a timeout of ``timeout_s`` as the one-line error. SIGTERM cancels ``main``, so the
+    workers it started are stopped by its own cleanup (``(False, 143)``), not orphaned."""
     try:
-        return True, asyncio.run(main)
+        return True, asyncio.run(_cancelled_by_sigterm(main))
+    except asyncio.CancelledError:
+        print("error: stopped by SIGTERM", file=sys.stderr)
+        return False, 128 + signal.SIGTERM
     except DemoError as exc:
         print(f"error: {exc}", *exc.detail, sep="\n", file=sys.stderr)
         return False, exc.exit_code

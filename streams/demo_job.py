@@ -125,12 +125,14 @@ async def wait_settled(settings: Settings, job_id: str, watch: WorkerWatch,
 
 def summary(r: jobs.JobReport, done: dict | None, elapsed_s: float, paths: tuple[Path, Path]) -> dict:
     """The demo's JSON: every master's budget line, ``JobCompleted``'s aggregate (None until
-    the job is done), open escalations, where the report is."""
+    the job is done; its artefacts are counted here, their text is in the report), open
+    escalations, where the report is."""
     return {"job_id": r.job_id, "phase": r.phase, "status": r.status, "elapsed_s": round(elapsed_s, 2),
             "budget_tokens": r.budget_tokens, "tokens_used": r.tokens_used,
             "reserve_tokens_left": r.reserve_tokens_left,
             "masters": [vars(m) for m in r.masters],
-            "job_completed": done, "escalations": r.escalations,
+            "job_completed": done, "artefacts": len(r.artefacts),
+            "awaiting_operator": r.awaiting_operator, "escalations": r.escalations,
             "report": {"markdown": str(paths[0]), "html": str(paths[1])}}
 
 
@@ -167,6 +169,10 @@ async def _run(settings: Settings, limit: int | None, budget_scale: float, as_js
         sys.stdout.write(orjson.dumps(result).decode() + "\n")
     else:
         Console().print("\n".join(r.render()[:1 + len(r.masters)]))
+        if r.escalations:
+            Console().print(f"{len(r.escalations)} escalation(s) wait for a person: "
+                            "`rmo escalations list`, then `rmo escalations resolve ID --answer FILE"
+                            " | --skip`; the job continues with each answer")
         Console().print(f"report: {paths[0]} and {paths[1]}")
     return 0
 

@@ -140,8 +140,10 @@ class MasterLine:
 @dataclass(frozen=True)
 class JobReport:
     """A job as its coordinator projected it: ``phase`` (planning, running, done), the end
-    ``status`` once done (completed, partial, failed), masters, subtasks, open escalations,
-    the reserve left and the budget."""
+    ``status`` once done (completed, partial, failed, expired), masters, subtasks, open
+    escalations, the reserve left and the budget. ``awaiting_operator``: the job is running
+    but no subtask is, so it moves only once a person resolves its open escalations (Cortex's
+    human operator; ``rmo escalations resolve``); a poller stops waiting here too."""
 
     job_id: str
     phase: str
@@ -158,6 +160,7 @@ class JobReport:
     artefacts: dict[str, str] = field(default_factory=dict)
     completed: dict[str, Any] | None = None
     """The ``JobCompleted`` payload once done (its aggregate; artefacts above)."""
+    awaiting_operator: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,22 +175,25 @@ class JobReport:
                             x.cap_tokens, x.tokens, x.micro / 1e6, x.provider, x.escalation, x.detail)
                 for x in sorted(s.subs.values(), key=lambda x: x.order)]
         r = s.result
+        escalations = [x.escalation for x in s.subs.values() if x.status == "escalated" and x.escalation]
         return cls(job_id=s.job.job_id, phase=s.phase, status=r.status if r else None,
                    reason=r.reason if r else None, submitted_at=s.submitted_at,
                    budget_tokens=s.job.budget_tokens, budget_usd=s.job.budget_usd,
                    reserve_tokens_left=s.reserve_tokens,
                    tokens_used=sum(m.used_tokens for m in s.masters.values()),
                    masters=masters, subtasks=subs,
-                   escalations=[x.escalation for x in s.subs.values()
-                                if x.status == "escalated" and x.escalation],
+                   escalations=escalations,
                    artefacts=dict(r.artefacts) if r else {},
-                   completed=r.model_dump(mode="json", exclude={"artefacts"}) if r else None)
+                   completed=r.model_dump(mode="json", exclude={"artefacts"}) if r else None,
+                   awaiting_operator=s.phase == "running" and bool(escalations)
+                   and not any(x.status == "running" for x in s.subs.values()))
 
     def render(self) -> list[str]:
         """Console lines: the job, a line per master, a line per subtask."""
         budget = f"{self.budget_tokens:,} tokens" if self.budget_tokens is not None else "unlimited"
         end = f" {self.status}" if self.status else ""
-        lines = [f"job {self.job_id}: {self.phase}{end}"
+        wait = ", awaiting an operator" if self.awaiting_operator else ""
+        lines = [f"job {self.job_id}: {self.phase}{end}{wait}"
                  + (f" ({self.reason})" if self.reason else "")
                  + f"; used {self.tokens_used:,} of {budget}"
                  + (f", reserve left {self.reserve_tokens_left:,}" if self.reserve_tokens_left is not None else "")]

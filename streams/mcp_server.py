@@ -37,7 +37,7 @@ INSTRUCTIONS = (
     "task_lineage shows every event of a task; replay_verify rebuilds the state from the log "
     "and compares it with the live state. A Cortex job (submit_job: subtasks with domains and "
     "dependencies, or a goal to plan, and a budget) runs through the same stages; poll "
-    "job_status until its phase is done, answer list_escalations with resolve_escalation, "
+    "job_status until its phase is done or awaiting_operator is true, answer list_escalations with resolve_escalation, "
     "read job_report.")
 
 
@@ -97,7 +97,8 @@ def create_server(settings: Settings) -> MCPServer:
     async def submit_job(job: JobSubmitted) -> jobs.SubmittedJob:
         """Submit a Cortex job: subtasks (task payloads with a domain and depends_on) or only
         a goal for the coordinator to plan, a token/USD budget and an emergency reserve.
-        Poll job_status until its phase is done."""
+        Poll job_status until its phase is done or awaiting_operator is true (open
+        escalations: answer them with resolve_escalation)."""
         try:
             event = jobs.job_event(job, "job", producer="mcp.job")
         except jobs.InvalidJob as exc:
@@ -107,7 +108,8 @@ def create_server(settings: Settings) -> MCPServer:
     @mcp.tool()
     async def job_status(job_id: Annotated[str, Field(min_length=1, max_length=128)]) -> jobs.JobReport:
         """A job's phase (planning, running, done) and end status, its masters' budget lines
-        (allocated, used, held), its subtasks and open escalations."""
+        (allocated, used, held), its subtasks and open escalations; awaiting_operator is true
+        when nothing runs until an escalation is resolved."""
         try:
             return await jobs.job_status(settings, job_id)
         except jobs.JobNotFound as exc:

@@ -164,6 +164,9 @@ async def test_failed_subtask_escalates_and_a_persons_answer_completes_the_job(s
                 ("job-esc", first["id"], "subtask_failed")
             raised = [e for e in await events(s, topics, "system") if e.event_type == "EscalationRaised"]
             assert [e.payload.escalation_id for e in raised] == [esc["escalation_id"]]
+            # nothing runs until a person answers: a poller can stop here
+            waiting = orjson.loads(rmo("job", "status", "job-esc", "--json", env=env).stdout)
+            assert waiting["phase"] == "running" and waiting["awaiting_operator"] is True
             out = rmo("escalations", "resolve", esc["escalation_id"], "--answer", str(answer), env=env)
             assert out.returncode == 0, out.stderr
             done = await _wait_job(s, topics, "job-esc", log)
@@ -178,6 +181,8 @@ async def test_failed_subtask_escalates_and_a_persons_answer_completes_the_job(s
         again = rmo("escalations", "resolve", esc["escalation_id"], "--skip", env=env)
         assert again.returncode == 1 and "no open escalation" in again.stderr
         assert orjson.loads(rmo("escalations", "list", "--json", env=env).stdout) == []
+        ended = orjson.loads(rmo("job", "status", "job-esc", "--json", env=env).stdout)
+        assert ended["phase"] == "done" and ended["awaiting_operator"] is False
         _verify(s, path)
     finally:
         async for key in redis.scan_iter(f"{s.namespace}-r*", count=1000):
@@ -318,6 +323,8 @@ def _demo_job(settings, env: dict, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     result = orjson.loads(out.stdout)
     assert result["escalations"], result
+    # the job waits for a person: open, nothing running, no JobCompleted yet
+    assert result["awaiting_operator"] is True and result["job_completed"] is None
     assert result["tokens_used"] <= result["budget_tokens"]
     masters = {m["domain"] for m in result["masters"]}
     assert "testing" in masters and len(masters) >= 2

@@ -255,6 +255,24 @@ def test_demo_exits_within_seconds_when_its_worker_is_killed(settings: Settings,
     assert f"the worker (pid {pid}) was killed by signal 9" in rest
 
 
+def test_sigterm_stops_the_demo_and_the_worker_it_started(settings: Settings,
+                                                          tmp_path: Path) -> None:
+    proc = demo(settings, tmp_path, "--providers", str(providers_file(tmp_path, ORACLE)))
+    try:
+        head = read_until(proc, "started a worker (pid ", 60)
+        pid = int(head.rsplit("started a worker (pid ", 1)[1].split(",")[0])
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "error: stopped by SIGTERM" in err and "Traceback" not in err
+    with pytest.raises(ProcessLookupError):  # stopped and reaped by the demo, not orphaned
+        os.kill(pid, 0)
+
+
 async def _heartbeats(settings: Settings) -> list[Heartbeat]:
     r = Redis.from_url(settings.require_redis())
     try:
