@@ -64,19 +64,23 @@ class JobProjection:
         if not mine:
             return
         ids = list(dict.fromkeys(_job_id(e) for e in mine))
-        raw = await tx.redis.mget([tx.keys.job(i) for i in ids])
-        states = {i: JobState.model_validate_json(r) if r else None for i, r in zip(ids, raw)}
+        raw = dict(zip(ids, await tx.redis.mget([tx.keys.job(i) for i in ids])))
+        states = {i: _load(r) for i, r in raw.items()}
+        applied: dict[str, list[Envelope]] = {i: [] for i in ids}
         for e in mine:
             job_id = _job_id(e)
-            before = states[job_id]
-            work = before.model_copy(deep=True) if before is not None else None
             try:
-                after, outs = step(work, e)
+                # in place: a deep copy per event made a job's events quadratic in its size
+                after, outs = step(states[job_id], e)
             except Exception:  # a bug must not wedge the partition: the event stays in the log
                 log.exception("coordinator could not apply %s %s of job %s", e.event_type,
                               e.event_id, job_id)
+                # step may have half-changed the state: rebuild it from the batch's start
+                # and the events applied since (step is a function of state and event)
+                states[job_id] = _rebuild(raw[job_id], applied[job_id])
                 continue
             states[job_id] = after
+            applied[job_id].append(e)
             for o in outs:
                 tx.emit(o.role, make_event(o.payload, producer="coordinator", cause=e,
                                            discriminator=o.discriminator, correlation_id=job_id),
@@ -105,6 +109,19 @@ class JobProjection:
                         pipe.hdel(k.escalations, sub.escalation)
 
         tx.write(write)
+
+
+def _load(raw: str | bytes | None) -> JobState | None:
+    return JobState.model_validate_json(raw) if raw else None
+
+
+def _rebuild(raw: str | bytes | None, events: Sequence[Envelope]) -> JobState | None:
+    """The state ``raw`` held, with ``events`` (each applied once already) stepped again; what
+    they emit was emitted the first time."""
+    state = _load(raw)
+    for e in events:
+        state, _ = step(state, e)
+    return state
 
 
 def _epoch(iso: str) -> float:

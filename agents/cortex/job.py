@@ -38,6 +38,7 @@ The protocol, per job:
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -240,15 +241,16 @@ def _prompt(state: JobState, sub: Sub) -> str:
 
 
 def _assign(state: JobState, sub: Sub, avoid: list[str] | None = None,
-            task_suffix: str = "") -> list[Out] | None:
+            task_suffix: str = "", unassigned: int | None = None) -> list[Out] | None:
     """Step 3 for one ready subtask: its events, [] when it escalated for budget, or None
     when its master must wait for running subtasks to free budget."""
     job = state.job
     master = state.masters[sub.spec.domain]
     prompt = _prompt(state, sub)
     floor = allocation.call_tokens(prompt, sub.spec.json_schema)
-    unassigned = sum(1 for s in state.subs.values()
-                     if s.spec.domain == sub.spec.domain and s.status == "waiting")
+    if unassigned is None:  # the master's waiting subtasks, ``sub`` among them
+        unassigned = sum(1 for s in state.subs.values()
+                         if s.spec.domain == sub.spec.domain and s.status == "waiting")
     rem_t, rem_m = master.remaining()
     cap_t = allocation.cap(rem_t, unassigned, floor)
     cap_m = allocation.cap(rem_m, unassigned, 1)
@@ -323,8 +325,13 @@ def _advance(state: JobState) -> list[Out]:
     ready = [s for s in subs if s.status == "waiting"
              and all(state.subs[d].status in ACCEPTED for d in s.spec.depends_on)]
     ready.sort(key=lambda s: (-(s.spec.priority or state.job.priority), s.order))
+    # counted once, not per ready subtask: a job whose masters wait on budget has many
+    # ready subtasks at every event, and a count per subtask made each event quadratic
+    waiting = Counter(s.spec.domain for s in state.subs.values() if s.status == "waiting")
     for s in ready:
-        out += _assign(state, s) or []
+        out += _assign(state, s, unassigned=waiting[s.spec.domain]) or []
+        if s.status != "waiting":
+            waiting[s.spec.domain] -= 1
     if subs and all(s.status in FINAL for s in subs):
         out.append(_complete(state))
     return out

@@ -889,3 +889,70 @@ def test_at_the_deadline_what_is_not_final_is_skipped_and_the_job_expires():
     # a verdict after the deadline, or the deadline again, changes nothing
     assert machine.completed(state, verdict(t["b"])) == []
     assert machine.deadline_passed(state) == []
+
+
+# --------------------------------------------------------------------------- the projection
+
+
+class _Redis:
+    """What JobProjection.apply reads: MGET of the job keys."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+
+    async def mget(self, keys: list[str]) -> list[str | None]:
+        return [self.values.get(k) for k in keys]
+
+
+class _Pipe:
+    """Records SET of the queued writes; the index and escalation writes are not checked."""
+
+    def __init__(self) -> None:
+        self.set_values: dict[str, str] = {}
+
+    def set(self, key: str, value: str) -> None:
+        self.set_values[key] = value
+
+    def __getattr__(self, name: str):
+        return lambda *a, **kw: None
+
+
+async def _apply(events: list[Envelope], stored: dict[str, str]) -> tuple[dict[str, str], list]:
+    from agents.cortex.coordinator import JobProjection
+    from streams.keys import Keys
+    from streams.stage import Context, Tx
+
+    tx = Tx(Context(settings=None, keys=Keys("t"), topics=None, redis=_Redis(stored),
+                    producer=None))
+    await JobProjection().apply(events, tx)
+    pipe = _Pipe()
+    for write in tx.writes:
+        write(pipe)
+    return pipe.set_values, tx.emitted
+
+
+async def test_a_step_that_raises_midway_leaves_the_state_as_if_its_event_were_not_applied(
+        monkeypatch) -> None:
+    job = make_job(sub("a"), sub("b"), sub("c", "a", "b"), budget_tokens=100_000)
+    submitted = make_event(job, producer="test")
+    state, outs = step(None, submitted)
+    first = tasks(outs)
+    good = make_event(verdict(first["a"], tokens=50), producer="validator")
+    bad = make_event(verdict(first["b"], tokens=70), producer="validator")
+    stored = {"t:job:j1": state.model_dump_json()}
+    expected, _ = await _apply([good], dict(stored))
+
+    real = machine.completed
+
+    def half_done(state: JobState, done: SubtaskCompleted) -> list[Out]:
+        if done.subtask_id == "b":
+            state.subs["b"].status = "passed"  # changed, then a bug
+            raise RuntimeError("bug")
+        return real(state, done)
+
+    monkeypatch.setattr(machine, "completed", half_done)
+    written, emitted = await _apply([good, bad], dict(stored))
+    assert written == expected  # b's half-change is gone, a's change kept
+    assert JobState.model_validate_json(written["t:job:j1"]).subs["b"].status == "running"
+    assert not any(e.payload.job and e.payload.job.subtask_id == "c" for _, _, e in emitted
+                   if isinstance(e.payload, TaskSubmitted))
