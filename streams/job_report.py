@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agents.cortex.job import FINAL
 from models.codec import CodecError, decode
 from models.events import Envelope
 from streams import jobs
@@ -120,15 +121,30 @@ def summary_lines(r: jobs.JobReport, timeline: list[TimelineEntry]) -> list[str]
     accepted = sum(x.status in ("passed", "unverified", "resolved") for x in subs)
     passed = sum(x.status == "passed" for x in subs)
     span = (timeline[-1].at - timeline[0].at).total_seconds() if len(timeline) > 1 else 0.0
-    outcome = r.status or f"still {r.phase}"
+    outcome = r.status or ("waiting for an operator: nothing runs until an open escalation is "
+                           "resolved (`rmo escalations list`, `rmo escalations resolve ID "
+                           "--answer FILE | --skip`)" if r.awaiting_operator else f"still {r.phase}")
     lines = [f"Outcome: {outcome}" + (f" ({r.reason})" if r.reason else "") + f", after {span:,.1f} s.",
              (f"Subtasks: {accepted} of {len(subs)} have an accepted answer ({passed} passed "
               f"validation, {sum(x.status == 'resolved' for x in subs)} answered by a person, "
               f"{sum(x.status == 'skipped' for x in subs)} skipped)."),
              f"Tokens: {r.tokens_used:,} used of {_tokens(r.budget_tokens)} ({_pct(r.tokens_used, r.budget_tokens)}).",
              f"Reserve left: {_tokens(r.reserve_tokens_left)} tokens."]
+    spent = sorted((m for m in r.masters if m.tokens_used), key=lambda m: -m.tokens_used)
+    lines.append("Where the tokens went: " + (", ".join(
+        f"{m.domain} {m.tokens_used:,} ({_pct(m.tokens_used, r.tokens_used)})" for m in spent)
+        if spent else "nowhere yet, no master has used any") + ".")
+    short = sorted({x.domain for x in subs
+                    if x.status == "escalated" and x.reason == "budget_exhausted"})
+    if short:
+        done = [m for m in r.masters if m.tokens_allocated is not None and m.domain not in short
+                and all(x.status in FINAL for x in subs if x.domain == m.domain)]
+        spare = sum(m.tokens_allocated - m.tokens_used - m.tokens_held for m in done)
+        lines.append(f"Out of budget: {', '.join(short)}; the finished masters left {spare:,} "
+                     "tokens unused, which a reallocation could move there.")
     if r.escalations:
-        lines.append(f"Open escalations: {len(r.escalations)} ({', '.join(r.escalations[:10])}).")
+        lines.append(f"Open escalations: {len(r.escalations)} ({', '.join(r.escalations[:10])}"
+                     + (", ..." if len(r.escalations) > 10 else "") + ").")
     return lines
 
 

@@ -106,7 +106,7 @@ async def submit_job(settings: Settings, event: Envelope) -> SubmittedJob:
 @dataclass(frozen=True)
 class SubtaskLine:
     """One subtask in a job's status: its master, state, task id, cap and usage (tokens,
-    USD), and why it is escalated or skipped."""
+    USD), and why it is escalated (``reason``: subtask_failed, budget_exhausted) or skipped."""
 
     subtask_id: str
     domain: str
@@ -119,6 +119,7 @@ class SubtaskLine:
     provider: str | None
     escalation: str | None
     detail: str | None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,8 @@ class JobReport:
                               None if m.micro is None else m.micro / 1e6, m.used_micro / 1e6)
                    for m in s.masters.values()]
         subs = [SubtaskLine(x.spec.id, x.spec.domain, x.status, x.task_id, list(x.spec.depends_on),
-                            x.cap_tokens, x.tokens, x.micro / 1e6, x.provider, x.escalation, x.detail)
+                            x.cap_tokens, x.tokens, x.micro / 1e6, x.provider, x.escalation, x.detail,
+                            x.reason)
                 for x in sorted(s.subs.values(), key=lambda x: x.order)]
         r = s.result
         escalations = [x.escalation for x in s.subs.values() if x.status == "escalated" and x.escalation]

@@ -333,6 +333,11 @@ def _demo_job(settings, env: dict, tmp_path: Path) -> None:
         assert m["personal_tokens"] + m["workers_tokens"] == m["tokens_allocated"] - m["reserve_tokens_granted"]
     listed = orjson.loads(rmo("escalations", "list", "--json", env=env).stdout)
     assert {e["escalation_id"] for e in listed} == set(result["escalations"])
+    md = Path(result["report"]["markdown"]).read_text()
+    assert "Outcome: waiting for an operator" in md and "Where the tokens went: " in md
+    # the report names who ran out and what the others left unused
+    short = {x.split("(")[0].strip() for x in md.split("Out of budget: ", 1)[1].split(";")[0].split(",")}
+    assert short and short <= masters, md[:2000]
     assert "## Token budget flow" in Path(result["report"]["html"]).read_text().replace(
         "<h2>Token budget flow</h2>", "## Token budget flow")
     _verify(settings, None)
