@@ -22,6 +22,11 @@ from streams.config import Settings
 from streams.keys import Keys
 from streams.topics import create_topics, load_topics
 
+# Every worker a test starts joins its consumer groups, and Tansu's first JoinGroup waits
+# session_timeout / 2 (SPEC §2): a 4 s session (the default is 6 s) takes a second off each
+# start. Set before any Settings is built, so the tests and the workers they spawn agree.
+os.environ.setdefault("RMO_SESSION_TIMEOUT_S", "4")
+
 
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[str]:
