@@ -52,12 +52,14 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def namespace(redis_url: str) -> Iterator[str]:
-    """A namespace of its own for each test; its Redis keys are deleted afterwards."""
+    """A namespace of its own for each test; its Redis keys are deleted afterwards, and so
+    are those of the namespaces named after it (``{ns}-replay-…``: what `rmo replay` rebuilt)."""
     ns = f"t{secrets.token_hex(4)}"
     yield ns
     r = SyncRedis.from_url(redis_url)
-    for key in r.scan_iter(Keys(ns).pattern(), count=1000):
-        r.delete(key)
+    for pattern in (Keys(ns).pattern(), f"{ns}-*"):
+        for key in r.scan_iter(pattern, count=1000):
+            r.delete(key)
     r.close()
 
 
