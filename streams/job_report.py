@@ -30,6 +30,8 @@ from streams.config import Settings
 from streams.report import CSS, figure_html, fmt_time, new_figure, table_html
 from streams.topics import load_topics
 
+LABELLED_ATTEMPTS = 60
+"""Up to this many attempts, the timeline plot names each one on its axis."""
 ARTEFACT_CHARS = 600
 """Characters of each artefact shown in the report (the full text is in JobCompleted)."""
 
@@ -200,8 +202,12 @@ def plot_budget_flow(r: jobs.JobReport):
     personal = [m.personal_tokens or 0 for m in masters] + [0] * (len(names) - len(masters))
     workers = [m.workers_tokens or 0 for m in masters] + [0] * (len(names) - len(masters))
     used = [m.tokens_used for m in masters] + [0] * (len(names) - len(masters))
+    granted = [m.reserve_tokens_granted for m in masters] + [0] * (len(names) - len(masters))
     ax.bar([x - 0.2 for x in xs], personal, 0.4, label="allocated: personal", color="#8fb3d9")
     ax.bar([x - 0.2 for x in xs], workers, 0.4, bottom=personal, label="allocated: workers", color="#c6d9ec")
+    if any(granted):
+        ax.bar([x - 0.2 for x in xs], granted, 0.4, bottom=[p + w for p, w in zip(personal, workers)],
+               label="granted from the reserve", color="#b39ddb")
     ax.bar([x + 0.2 for x in xs], used, 0.4, label="used", color="#d9822b")
     if r.reserve_tokens_left is not None:
         ax.bar([len(names) - 1 - 0.2], [r.reserve_tokens_left], 0.4, label="reserve left", color="#9e9e9e")
@@ -230,7 +236,11 @@ def plot_timeline(timeline: list[TimelineEntry]):
             bars.append((t.subject, start.pop(t.subject), s, "#4caf50" if ok else "#e53935"))
     for i, (name, a, b, colour) in enumerate(bars):
         ax.barh(i, max(b - a, 0.01), left=a, color=colour)
-    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=6)
+    if len(bars) <= LABELLED_ATTEMPTS:
+        ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=6)
+    else:  # hundreds of names overprint each other; the subtasks table has them
+        ax.set_yticks([])
+        ax.set_ylabel(f"{len(bars)} attempts, in order of verdict")
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the job was submitted (green: accepted, red: failed)")
     ax.grid(axis="x", alpha=0.3)
@@ -252,7 +262,7 @@ def _html(r: jobs.JobReport, timeline: list[TimelineEntry], generated: datetime)
 <h2>Executive summary</h2><ul>{summary}</ul>
 <h2>Masters</h2>{table_html(MASTER_HEADERS, _master_rows(r))}
 <h2>Token budget flow</h2>
-{figure_html("budget-flow", plot_budget_flow(r), "Tokens allocated (personal and workers) and used per master; the reserve left.")}
+{figure_html("budget-flow", plot_budget_flow(r), "Tokens allocated (personal, workers, granted from the reserve) and used per master; the reserve left.")}
 <h2>Subtasks</h2>{subtasks}
 <h2>Timeline</h2>
 {figure_html("timeline", plot_timeline(timeline), "Each subtask from its assignment to its verdict.")}
