@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agents.cortex.job import FINAL
+from agents.cortex.job import ACCEPTED, FINAL
 from models.codec import CodecError, decode
 from models.events import Envelope
 from streams import jobs
@@ -120,7 +120,7 @@ def _tokens(n: int | None) -> str:
 def summary_lines(r: jobs.JobReport, timeline: list[TimelineEntry]) -> list[str]:
     """The executive summary, one sentence per line."""
     subs = [x for x in r.subtasks if x.subtask_id != "plan"]
-    accepted = sum(x.status in ("passed", "unverified", "resolved") for x in subs)
+    accepted = sum(x.status in ACCEPTED for x in subs)
     passed = sum(x.status == "passed" for x in subs)
     span = (timeline[-1].at - timeline[0].at).total_seconds() if len(timeline) > 1 else 0.0
     outcome = r.status or ("waiting for an operator: nothing runs until an open escalation is "
@@ -154,7 +154,7 @@ def _master_rows(r: jobs.JobReport) -> list[tuple[Any, ...]]:
     rows = []
     for m in r.masters:
         subs = [x for x in r.subtasks if x.domain == m.domain]
-        ok = sum(x.status in ("passed", "unverified", "resolved") for x in subs)
+        ok = sum(x.status in ACCEPTED for x in subs)
         unused = None if m.tokens_allocated is None else m.tokens_allocated - m.tokens_used - m.tokens_held
         rows.append((m.domain, len(subs), ok, _tokens(m.tokens_allocated),
                      f"{_tokens(m.personal_tokens)} / {_tokens(m.workers_tokens)}",

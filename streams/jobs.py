@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from agents.cortex.job import JobState
+from agents.cortex.job import ACCEPTED, JobState
 from models.codec import MAX_VALUE_BYTES, encode, make_event
 from models.events import Envelope
 from models.jobs import EscalationResolved, JobSubmitted
@@ -272,7 +272,7 @@ async def list_jobs(settings: Settings, limit: int = 100) -> list[JobLine]:
             continue
         r = JobReport.from_state(JobState.model_validate_json(doc))
         out.append(JobLine(r.job_id, r.submitted_at, r.phase, r.status, len(r.subtasks),
-                           sum(x.status in ("passed", "unverified", "resolved") for x in r.subtasks),
+                           sum(x.status in ACCEPTED for x in r.subtasks),
                            r.tokens_used, r.budget_tokens, len(r.escalations)))
     return out
 
