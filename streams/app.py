@@ -2,8 +2,9 @@
 
 Agents read raw bytes (``value_serializer="raw"``) so a malformed record reaches our codec
 and the dead-letter topic instead of crashing Faust's deserializer. Each agent takes batches
-with ``stream.take_events`` and Faust acks a batch only after ``BatchRunner.run`` returned,
-so offsets never pass unfinished work (SPEC §4: Faust's ``concurrency>1`` commit gap).
+as they arrive (streams/batching.py: natural batching) and a batch is acked only after
+``BatchRunner.run`` returned, so offsets never pass unfinished work (SPEC §4: Faust's
+``concurrency>1`` commit gap).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from redis.asyncio import Redis
 
 from models.codec import encode, make_event
 from streams import liveness, metrics, seen
+from streams.batching import take_available
 from streams.config import Settings
 from streams.keys import Keys
 from streams.liveness import Heartbeat
@@ -163,8 +165,8 @@ def _add_agent(app: faust.App, consumer: Consumer, ctx: Context, settings: Setti
     runner = BatchRunner(consumer, ctx)
 
     async def agent(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(batch_limit(consumer, settings),
-                                               settings.batch_within_s):
+        async for events in take_available(stream, batch_limit(consumer, settings),
+                                           settings.batch_within_s):
             records = [Record(e.message.topic, e.message.partition, e.message.offset,
                               e.message.key, e.message.value) for e in events]
             while records:  # Faust acks the delivery once every part of it is applied

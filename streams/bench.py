@@ -9,13 +9,15 @@ throw-away namespaces:
    no faults), the sandbox off and validator level syntax; p50/p99 task latency
    (TaskCompleted.latency_ms: submit to completion), which under a burst is mostly queueing;
 3. latency under load: an open-loop load (tasks submitted on a fixed schedule that does not
-   wait for completions) at half the burst's tasks/s for ``load_s`` seconds; p50/p99;
+   wait for completions) at half the burst's tasks/s for ``load_s`` seconds; p50/p99; and the
+   same at 10 tasks/s for 15 s (``p50_ms_idle``/``p99_ms_idle``): the pipeline's own latency;
 4. replay: every projection rebuilt from that run's log into a fresh namespace, events/s;
 5. baseline: the same four hops as a raw aiokafka consume -> produce relay, no logic; ``ratio``
    is end to end over baseline;
 6. in flight: one worker, a sim provider answering after 1 s, 2,000 tasks, executor batches of
    up to 2,000 (``RMO_EXECUTOR_BATCH_MAX``): tasks/s, which only exceeds 1,000 with at least
-   1,000 calls in flight;
+   1,000 calls in flight, and the most calls that were in flight at once
+   (``inflight_peak_calls``, from the recorded calls);
 7. real validation: HumanEval's 164 problems with an oracle provider, the sandbox of
    ``RMO_SANDBOX`` and every validator level, seconds from submit to the last completion.
 
@@ -52,10 +54,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
 from agents.providers.registry import load_providers
-from models.codec import encode, make_event
-from models.events import TaskSubmitted
+from models.codec import CodecError, decode, encode, make_event
+from models.events import ProviderCall, TaskSubmitted
 from streams import embedded, locate
-from streams.client import EventProducer, high_watermarks
+from streams.client import EventProducer, high_watermarks, read_topic
 from streams.config import Settings
 from streams.demo import (
     DemoError,
@@ -90,6 +92,9 @@ SOAK_ENV = {"RMO_SEEN_ROTATE_S": "10", "RMO_SEEN_RETENTION_S": "60", "RMO_TASK_R
 """Soak: the shortest windows of the per-event state (seen buckets: streams/seen.py; task
 status), so that it fills within minutes and the soak measures what happens once it has: Redis
 holds about rate x window of each (module docstring)."""
+IDLE_RATE, IDLE_S = 10.0, 15.0
+"""The idle latency figure: an open-loop load of this many tasks/s for this many seconds, far
+below capacity, so its latencies are the pipeline's own (five hops), not queueing."""
 WARMUP_S = 180.0
 """Soak: memory is compared from this many seconds in: the windows of :data:`SOAK_ENV` filled
 (60 s retention, plus a few 10 s epochs, plus the closes' lag) and caches, pools and buffers
@@ -100,6 +105,33 @@ def bench_tasks(n: int, tag: str) -> list[TaskSubmitted]:
     """``n`` tasks cycling over HumanEval prompts, with unique ids."""
     base = humaneval_tasks()
     return [base[i % len(base)].model_copy(update={"task_id": f"{tag}-{i}"}) for i in range(n)]
+
+
+def peak_overlap(spans: list[tuple[float, float]]) -> int:
+    """Most of the ``(start, end)`` intervals (any unit) open at one instant; an interval
+    ending where another starts does not overlap it. A sweep over the sorted endpoints."""
+    points = sorted([(end, -1) for _, end in spans] + [(start, 1) for start, _ in spans])
+    peak = open_now = 0
+    for _, step in points:
+        open_now += step
+        peak = max(peak, open_now)
+    return peak
+
+
+async def calls_in_flight(settings: Settings) -> int:
+    """The most provider calls of ``settings``' namespace in flight at once, from its calls
+    topic: each recorded call spans ``[occurred_at - latency_ms, occurred_at]`` (its event is
+    made as the call returns, agents/executor.py)."""
+    spans = []
+    async for record in read_topic(settings.require_kafka(), load_topics(settings.namespace).name("calls")):
+        try:
+            event = decode(record.value)
+        except CodecError:
+            continue
+        if isinstance(event.payload, ProviderCall):
+            end = event.occurred_at.timestamp() * 1000
+            spans.append((end - event.payload.latency_ms, end))
+    return peak_overlap(spans)
 
 
 async def measure_ingest(bootstrap: str, topic: str, tasks: list[TaskSubmitted]) -> float:
@@ -388,6 +420,7 @@ async def _bench(n: int, workers: int, log: Path, budgets: Path | None, load_s: 
             profiler.start([p.pid for p in main.procs])
         tps, lat = await run_tasks(main.settings, bench_tasks(n, "run"), main.procs, log)
         profiled = top_frames(profiler.stop()) if profiler else None
+        idle = await open_loop(main.settings, IDLE_RATE, IDLE_S, main.procs, log, "idle")
         loaded = await open_loop(main.settings, tps / 2, load_s, main.procs, log, "load")
         await wait_caught_up(main.settings, load_topics(main.namespace), redis)
         main.stop()
@@ -402,6 +435,7 @@ async def _bench(n: int, workers: int, log: Path, budgets: Path | None, load_s: 
         inflight, _ = await run_tasks(slow.settings, bench_tasks(INFLIGHT_TASKS, "inflight"),
                                       slow.procs, log)
         slow.stop()
+        peak_calls = await calls_in_flight(slow.settings)
 
         real = new_run(_providers(tmp, "oracle", 1.0, 0), sandbox=env.sandbox)
         await real.start(workers, CAPACITY_ENV)
@@ -412,14 +446,16 @@ async def _bench(n: int, workers: int, log: Path, budgets: Path | None, load_s: 
 
         p50, p99 = _quantiles(lat)
         p50_load, p99_load = _quantiles(loaded)
+        p50_idle, p99_idle = _quantiles(idle)
         return {"tasks": n, "workers": workers, "ingest_events_per_s": round(ingest, 1),
                 "tasks_per_s": round(tps, 1), "baseline_tasks_per_s": round(baseline, 1),
                 "ratio": round(tps / baseline, 3), "p50_ms": p50, "p99_ms": p99,
+                "p50_ms_idle": p50_idle, "p99_ms_idle": p99_idle,
                 "load_tasks_per_s": round(tps / 2, 1), "load_s": load_s,
                 "p50_ms_at_half_load": p50_load, "p99_ms_at_half_load": p99_load,
                 "replay_events": rebuilt.events,
                 "replay_events_per_s": round(rebuilt.events_per_s, 1),
-                "inflight_tasks_per_s": round(inflight, 1),
+                "inflight_tasks_per_s": round(inflight, 1), "inflight_peak_calls": peak_calls,
                 "humaneval_sandbox_s": round(humaneval_s, 2), "sandbox": real.settings.sandbox,
                 "machine": _machine(),
                 **({"profile": str(profile), "top_frames": profiled} if profile else {})}

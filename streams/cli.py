@@ -758,7 +758,8 @@ def bench(
 ) -> None:
     """Measure ingest events/s; end-to-end tasks/s of a burst (instant sim provider, sandbox
     off, validator level syntax) and its ratio to a raw aiokafka four-hop relay; p50/p99
-    latency under the burst and under an open-loop load at half that rate; replay events/s;
+    latency under the burst, under an open-loop load at half that rate and at 10 tasks/s
+    (idle: the pipeline's own latency); replay events/s;
     tasks/s with a 1 s provider (calls in flight); HumanEval's 164 problems with the sandbox
     and every validator level, in seconds. With --budgets the workers run under those
     budgets. Prints as it finishes (about 3 minutes)."""

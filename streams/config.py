@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     # records per executor batch (None: batch_max). A batch's provider calls run concurrently,
     # so with slow providers this is the calls in flight per worker (`rmo bench` in flight)
     executor_batch_max: int | None = Field(default=None, ge=1)
-    batch_within_s: float = 0.05
+    # a consumer whose last batch ended this long ago (s) takes a new record at once; a busy
+    # one gathers what arrives until this long after its last batch ended (streams/batching.py)
+    batch_within_s: float = Field(default=0.05, ge=0)
     # seen-id buckets (streams/seen.py): a new epoch every seen_rotate_s, and a bucket kept
     # until a close seen_retention_s after its own was passed. The retention must exceed the
     # time a duplicate can take that offsets do not bound (a zombie's batch, checked after
