@@ -60,9 +60,13 @@ async def take_available(stream: faust.StreamT, max_: int,
             if (await stream.wait(arrived)).stopped:
                 return
             # what has arrived includes what waits in the channel's queue: let the drainer
-            # move it into the buffer first, or a backlog would run as batches of one
-            while len(buffer) < max_ and not pending.empty():
+            # move it into the buffer first, or a backlog would run as batches of one; stop
+            # when a turn of the loop moved nothing (a drainer that waits or has ended)
+            moved = True
+            while moved and len(buffer) < max_ and not pending.empty():
+                had = len(buffer)
                 await asyncio.sleep(0)
+                moved = len(buffer) > had
             wait = finished + interval_s - loop.time()
             if wait > 0 and len(buffer) < max_:
                 await asyncio.sleep(wait)
