@@ -2,9 +2,9 @@
 
 Agents read raw bytes (``value_serializer="raw"``) so a malformed record reaches our codec
 and the dead-letter topic instead of crashing Faust's deserializer. Each agent takes batches
-as they arrive (streams/batching.py: natural batching) and a batch is acked only after
-``BatchRunner.run`` returned, so offsets never pass unfinished work (SPEC §4: Faust's
-``concurrency>1`` commit gap).
+with ``take_available`` (streams/batching.py: at once when idle, else Faust's window) and a
+batch is acked only after ``BatchRunner.run`` returned, so offsets never pass unfinished work
+(SPEC §4: Faust's ``concurrency>1`` commit gap).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Faust's ``Stream.take_events(max_, within)`` yields when ``max_`` events are buffered or when
 its ``within`` timer fires, so every hop held even a lone record for up to ``within`` seconds:
-five hops made most of an idle pipeline's latency (157 ms p50 at 10 tasks/s with 50 ms).
+five hops made most of an idle pipeline's latency.
 :func:`take_available` starts a batch as soon as an event is buffered if the consumer's
 previous batch ended at least ``interval_s`` ago, and otherwise at ``interval_s`` after that
 end, which is what Faust's timer does under load. Measured (docs/performance.md, "Latency"):
