@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from agents.pairing import outcome_sides, queue_sides
 from models.events import Envelope, RewardComputed
 from streams.stage import Tx
 
@@ -126,9 +127,9 @@ class OutcomeChanges:
 class OutcomesProjection:
     """``{ns}:learn:outcomes`` hash, from ``RewardComputed``: per verified task, ``tasks``
     and (when it failed) ``failed`` are incremented under ``type<TAB>{task_type}<TAB>{provider}``
-    (:data:`NO_PROVIDER` when nobody answered) and ``complexity<TAB>{complexity}``; its id
-    joins the sets ``{ns}:learn:outcome_tasks:{scope}`` of both scopes, so an error pattern
-    can count exactly the occurrences whose outcome is in (agents/patterns.py)."""
+    (:data:`NO_PROVIDER` when nobody answered) and ``complexity<TAB>{complexity}``; the task's
+    outcome in both scopes is one side of its error patterns' pairs (agents/pairing.py), so
+    an error pattern counts exactly the occurrences whose outcome is in (agents/patterns.py)."""
 
     name = "outcomes"
 
@@ -163,7 +164,6 @@ class OutcomesProjection:
         def write(pipe, changes=changes) -> None:
             for f, n in changes.incr.items():
                 pipe.hincrby(tx.keys.outcomes, f, n)
-            for scope, ids in changes.members.items():
-                pipe.sadd(tx.keys.outcome_tasks(scope), *sorted(ids))
 
         tx.write(write)
+        queue_sides(tx, outcome_sides(changes.members))

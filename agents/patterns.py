@@ -28,7 +28,7 @@ the posterior mean of the failure share under a Beta(0, 1) prior (one imagined s
 a share needs repeats to be believed: 3 of 3 gives 0.75, 4 of 4 0.8, 9 of 9 0.9, while 3 of
 10 stays 0.27. Outcomes are counted from the rewards topic, which trails the errors by the
 learning stage's lag, so an occurrence counts only once its task's outcome is in
-(:func:`occurrences`): numerator and denominator are the same tasks, and a lag delays a
+(:func:`occurrences`; the pairing, in bounded memory: agents/pairing.py): numerator and denominator are the same tasks, and a lag delays a
 detection but never inflates a confidence.
 
 **Detection** (:func:`detect`, live only): when a pattern has at least
@@ -53,6 +53,7 @@ import orjson
 from redis.asyncio import Redis
 
 from agents.outcomes import ANY, OutcomeChanges, Outcomes, complexity_scope, type_scope
+from agents.pairing import error_sides, paired, queue_sides
 from models.codec import derive_event_id, make_event
 from models.events import Envelope, ErrorLogged, PatternDetected
 from streams.config import Settings
@@ -124,29 +125,15 @@ class PatternKey:
 async def occurrences(redis: Redis, keys: Keys, patterns: Sequence[str], *,
                       errors: Mapping[str, set[str]] | None = None,
                       outcomes: OutcomeChanges | None = None) -> tuple[dict[str, int], Outcomes]:
-    """``(pattern id -> its occurrences whose outcome is recorded, the outcomes)``: the
-    distinct tasks of ``{ns}:learn:pattern_tasks:{id}`` that are in its scope's
-    ``{ns}:learn:outcome_tasks`` set. Counting only those pairs each occurrence with its
-    opportunity (module docstring: Confidence). A caller's batch not projected yet counts
-    too: ``errors`` (pattern id -> task ids) or ``outcomes`` (a batch of rewards). The sets
-    and the outcomes hash are read in one MULTI, the snapshot the outcomes projection commits."""
-    pipe = redis.pipeline(transaction=False)
-    for pid in patterns:
-        pipe.smembers(keys.error_pattern_tasks(pid))
-    tasks = {pid: sorted(set(ids) | set((errors or {}).get(pid, ())))
-             for pid, ids in zip(patterns, await pipe.execute() if patterns else [])}
-    order = [pid for pid in patterns if tasks[pid]]
-    pipe = redis.pipeline(transaction=True)
-    pipe.hgetall(keys.outcomes)
-    for pid in order:
-        pipe.smismember(keys.outcome_tasks(PatternKey.parse(pid).scope), tasks[pid])
-    outcomes_h, *members = await pipe.execute()
+    """``(pattern id -> its occurrences whose outcome is recorded, the outcomes)``: each
+    pattern's count of paired tasks (agents/pairing.py), so each occurrence comes with its
+    opportunity (module docstring: Confidence). A caller's batch not committed yet counts
+    too: ``errors`` (pattern id -> task ids) or ``outcomes`` (a batch of rewards). One MULTI
+    reads the counts and the outcomes hash: the snapshot the projections commit."""
     pending = outcomes or OutcomeChanges()
-    counted = {pid: sum(m or t in pending.members.get(PatternKey.parse(pid).scope, ())
-                        for t, m in zip(tasks[pid], ms))
-               for pid, ms in zip(order, members)}
-    return ({pid: counted.get(pid, 0) for pid in patterns},
-            Outcomes.from_hash(outcomes_h).plus(pending))
+    counts, outcomes_h = await paired(redis, keys, {pid: PatternKey.parse(pid).scope for pid in patterns},
+                                      errors=errors, outcomes=pending.members)
+    return counts, Outcomes.from_hash(outcomes_h).plus(pending)
 
 
 def pattern_key(err: ErrorLogged) -> PatternKey | None:
@@ -209,10 +196,11 @@ def to_time(ms: int | None) -> datetime | None:
 
 class PatternProjection:
     """``{ns}:learn:pattern:{key}`` hash (the key's parts, ``events``, ``truncated``,
-    ``at_limit``, ``first_seen_ms``, ``last_seen_ms``), ``{ns}:learn:pattern_tasks:{key}``
-    (the task ids: occurrences) and the ``{ns}:learn:patterns`` index, from ``ErrorLogged``.
-    Only sums, set unions and min/max: the same whatever order the errors topic's partitions
-    are read in. ``timeout_ms``: the executor's provider timeout (``at_limit``)."""
+    ``at_limit``, ``first_seen_ms``, ``last_seen_ms``; ``occurrences`` is the pairing's,
+    agents/pairing.py, of which each error's task is one side) and the ``{ns}:learn:patterns``
+    index, from ``ErrorLogged``. Only sums, set unions, min/max and pairs: the same whatever
+    order the errors topic's partitions are read in. ``timeout_ms``: the executor's provider
+    timeout (``at_limit``)."""
 
     name = "patterns"
 
@@ -260,10 +248,9 @@ class PatternProjection:
                 for f in ("events", "truncated", "at_limit"):
                     pipe.hincrby(k.error_pattern(pid), f, d[f])
                 pipe.eval(_SPAN_LUA, 1, k.error_pattern(pid), d["first"], d["last"])
-                if tasks:
-                    pipe.sadd(k.error_pattern_tasks(pid), *sorted(tasks))
 
         tx.write(write)
+        queue_sides(tx, error_sides({pid: (key.scope, tasks) for pid, (key, _, tasks) in counts.items()}))
 
 
 async def detect(tx: Tx, patterns: Sequence[str], cause: Envelope, *,

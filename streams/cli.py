@@ -750,7 +750,7 @@ def bench(
     tasks: Annotated[int, typer.Option(help="Tasks of the end-to-end burst (and of the ingest and relay runs).")] = 10000,
     workers: Annotated[int, typer.Option(help="Worker processes for the end-to-end runs.")] = 2,
     load_s: Annotated[float, typer.Option("--load-s", min=1, help="Seconds of the open-loop load at half the burst's tasks/s.")] = 60.0,
-    soak: Annotated[float | None, typer.Option("--soak", min=1, help="Instead: a steady open-loop load for this many seconds, with the workers' RSS and Redis memory after a 180 s warm-up and at the end (seen and task-status windows of 60 s).")] = None,
+    soak: Annotated[float | None, typer.Option("--soak", min=1, help="Instead: a steady open-loop load for this many seconds, with the workers' RSS and Redis memory after a 180 s warm-up and at the end (seen, task-status and learning join windows of 60 s).")] = None,
     soak_rate: Annotated[float | None, typer.Option("--soak-rate", min=1, help="Tasks/s of the soak (default: half the burst rate measured first).")] = None,
     profile: Annotated[Path | None, typer.Option("--profile", help="Record the workers with py-spy during the burst into this directory (collapsed stacks) and print the top frames.")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # event time (streams/projections.py write_tasks); 0 keeps it forever. 7 days: Kafka's
     # default log retention. Counters, provider stats and the learned state are kept
     task_retention_s: float = Field(default=7 * 86400.0, ge=0)
+    # a task's join buffer of error and outcome sides (agents/pairing.py) expires this long
+    # (s, wall clock) after its last write: a pair whose sides are applied further apart is not
+    # counted. 7 days: Kafka's default log retention, which a consumer that far behind exceeds
+    learn_join_window_s: float = Field(default=7 * 86400.0, ge=60)
     fetch_max_wait_ms: int = 20
 
     # executor (SPEC §4)

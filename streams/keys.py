@@ -2,7 +2,9 @@
 
 Projection state is everything except the bookkeeping prefixes: ``ckpt`` (last applied offset
 per consumer and topic-partition), ``seen`` (event ids a consumer applied, for dropping
-re-produced duplicates, in epoch buckets that expire: streams/seen.py) and ``eph`` (ephemeral coordination: heartbeats, half-open permits, budget reservations).
+re-produced duplicates, in epoch buckets that expire: streams/seen.py) and ``eph``
+(ephemeral, each with an expiry: heartbeats, half-open permits, budget reservations, the
+learning subsystem's join buffers: agents/pairing.py).
 ``rmo replay --verify`` compares projection state only.
 """
 
@@ -71,18 +73,15 @@ class Keys:
         (agents/outcomes.py)."""
         return self._k("learn", "outcomes")
 
-    def outcome_tasks(self, scope: str) -> str:
-        """Set: the task ids counted in one scope of the outcomes (agents/outcomes.py
-        :func:`~agents.outcomes.type_scope`, :func:`~agents.outcomes.complexity_scope`)."""
-        return self._k("learn", "outcome_tasks", scope)
-
     def error_pattern(self, pattern: str) -> str:
-        """Hash: one error pattern's counts and first/last event times (agents/patterns.py)."""
+        """Hash: one error pattern's counts, occurrences and first/last event times
+        (agents/patterns.py, agents/pairing.py)."""
         return self._k("learn", "pattern", pattern)
 
-    def error_pattern_tasks(self, pattern: str) -> str:
-        """Set: the task ids that failed by one error pattern (its occurrences)."""
-        return self._k("learn", "pattern_tasks", pattern)
+    def learn_pair(self, task_id: str) -> str:
+        """Hash, ephemeral: one task's join buffer of error and outcome sides
+        (agents/pairing.py), expiring ``Settings.learn_join_window_s`` after its last write."""
+        return self._k("eph", "learn", "pair", task_id)
 
     @property
     def error_patterns(self) -> str:
