@@ -28,7 +28,8 @@ runs a steady open-loop load for S seconds and reports the workers' RSS and Redi
 after warm-up and at the end. It runs with the shortest windows of the per-event state
 (:data:`SOAK_ENV`), so the soak sees them full: Redis then holds about rate x (60 s + the
 seen epochs' lag) of seen ids (about 0.75 KB a task over nine consumers) and of task status
-hashes (about 2.8 KB a task) on top of the state that does not grow with events.
+hashes (about 2.8 KB a task), and of the learning subsystem's join buffers, on top of the
+state that does not grow with events.
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
 from agents.providers.registry import load_providers
-from models.codec import CodecError, decode, encode, make_event
+from models.codec import encode, make_event
 from models.events import ProviderCall, TaskSubmitted
 from streams import embedded, locate
-from streams.client import EventProducer, high_watermarks, read_topic
+from streams.client import EventProducer, high_watermarks, read_events
 from streams.config import Settings
 from streams.demo import (
     DemoError,
@@ -88,10 +89,12 @@ INFLIGHT_TASKS = 2000
 INFLIGHT_LATENCY_MS = 1000
 CAPACITY_ENV = {"RMO_POLICY": "random"}
 """Worker settings of every capacity figure (module docstring)."""
-SOAK_ENV = {"RMO_SEEN_ROTATE_S": "10", "RMO_SEEN_RETENTION_S": "60", "RMO_TASK_RETENTION_S": "60"}
+SOAK_ENV = {"RMO_SEEN_ROTATE_S": "10", "RMO_SEEN_RETENTION_S": "60", "RMO_TASK_RETENTION_S": "60",
+            "RMO_LEARN_JOIN_WINDOW_S": "60"}
 """Soak: the shortest windows of the per-event state (seen buckets: streams/seen.py; task
-status), so that it fills within minutes and the soak measures what happens once it has: Redis
-holds about rate x window of each (module docstring)."""
+status; the learning subsystem's join buffers: agents/pairing.py), so that it fills within
+minutes and the soak measures what happens once it has: Redis holds about rate x window of
+each (module docstring)."""
 IDLE_RATE, IDLE_S = 10.0, 15.0
 """The idle latency figure: an open-loop load of this many tasks/s for this many seconds, far
 below capacity, so its latencies are the pipeline's own (five hops), not queueing."""
@@ -123,11 +126,7 @@ async def calls_in_flight(settings: Settings) -> int:
     topic: each recorded call spans ``[occurred_at - latency_ms, occurred_at]`` (its event is
     made as the call returns, agents/executor.py)."""
     spans = []
-    async for record in read_topic(settings.require_kafka(), load_topics(settings.namespace).name("calls")):
-        try:
-            event = decode(record.value)
-        except CodecError:
-            continue
+    async for event in read_events(settings.require_kafka(), load_topics(settings.namespace).name("calls")):
         if isinstance(event.payload, ProviderCall):
             end = event.occurred_at.timestamp() * 1000
             spans.append((end - event.payload.latency_ms, end))

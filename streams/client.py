@@ -13,7 +13,7 @@ from typing import Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from models.codec import encode
+from models.codec import CodecError, decode, encode
 from models.events import Envelope
 from streams.stage import PRODUCER_MAX_REQUEST_BYTES, Record
 
@@ -90,6 +90,16 @@ async def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None
                 raise TimeoutError(f"{topic}: no high watermark within {idle_timeout_s} s")
     finally:
         await consumer.stop()
+
+
+async def read_events(bootstrap: str, topic: str) -> AsyncIterator[Envelope]:
+    """Every envelope of ``topic`` from the beginning to the high watermark (:func:`read_topic`);
+    a record that does not decode is skipped (the stage that read it dead-lettered it)."""
+    async for record in read_topic(bootstrap, topic):
+        try:
+            yield decode(record.value)
+        except CodecError:
+            continue
 
 
 async def high_watermarks(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[int, int]:

@@ -32,10 +32,10 @@ from agents.policy import make_policy
 from agents.providers.base import Provider
 from agents.providers.registry import fingerprint, load_providers
 from agents.sandbox import resolve_mode
-from models.codec import CodecError, decode, make_event
+from models.codec import make_event
 from models.events import TaskSubmitted
 from streams import embedded, liveness, locate
-from streams.client import EventProducer, read_topic
+from streams.client import EventProducer, read_events, read_topic
 from streams.config import Settings
 from streams.keys import Keys
 from streams.liveness import Heartbeat
@@ -269,11 +269,7 @@ async def wait_completed(settings: Settings, registry: TopicRegistry, ids: set[s
 
 async def tally(settings: Settings, registry: TopicRegistry, ids: set[str], since: datetime) -> RunTally:
     t = RunTally()
-    async for r in read_topic(settings.require_kafka(), registry.name("calls")):
-        try:
-            e = decode(r.value)
-        except CodecError:
-            continue
+    async for e in read_events(settings.require_kafka(), registry.name("calls")):
         if e.correlation_id not in ids or e.occurred_at < since:
             continue
         p = e.payload
@@ -283,11 +279,7 @@ async def tally(settings: Settings, registry: TopicRegistry, ids: set[str], sinc
             t.latencies[p.provider].append(p.latency_ms)
         else:
             t.failures[p.provider] += 1
-    async for r in read_topic(settings.require_kafka(), registry.name("system")):
-        try:
-            e = decode(r.value)
-        except CodecError:
-            continue
+    async for e in read_events(settings.require_kafka(), registry.name("system")):
         if e.event_type == "BreakerTransitioned" and e.occurred_at >= since and e.payload.to_state == "open":
             t.trips[e.payload.provider] += 1
     return t
