@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import faust
+from aiokafka.errors import IllegalStateError
+from faust.types import TP
 from redis.asyncio import Redis
 
 from models.codec import encode, make_event
@@ -171,30 +173,45 @@ def _add_agent(app: faust.App, consumer: Consumer, ctx: Context, settings: Setti
                               e.message.key, e.message.value) for e in events]
             while records:  # Faust acks the delivery once every part of it is applied
                 n = await consumer.admit(len(records), ctx)
-                await _run_until_applied(runner, records[:n])
+                holes = await _run_until_applied(runner, records[:n])
                 records = records[n:]
+                if holes:
+                    await _seek_back(app, consumer.name, holes)
+                    records = [r for r in records if (r.topic, r.partition) not in holes]
 
     agent.__name__ = agent.__qualname__ = consumer.name.replace(".", "_")
     app.agent(topic, name=f"rmo.{consumer.name}")(agent)
 
 
-async def _run_until_applied(runner: BatchRunner, records: list[Record]) -> None:
-    """Apply a batch; an unexpected error is logged and the batch retried with backoff, so a
-    bug or a broker hiccup stalls this partition loudly instead of crashing the agent or
-    skipping records (the offsets are not acked until the batch is applied)."""
+async def _run_until_applied(runner: BatchRunner, records: list[Record]) -> dict[tuple[str, int], int]:
+    """Apply a batch; returns its holes (streams/stage.py step 1: partition -> offset to seek
+    back to). An unexpected error is logged and the batch retried with backoff, so a bug or a
+    broker hiccup stalls this partition loudly instead of crashing the agent or skipping
+    records (the offsets are not acked until the batch is applied)."""
     delay = 1.0
     while True:
         try:
-            await runner.run(records)
-            return
+            return (await runner.run(records)).holes
         except StaleBatchError as exc:
             log.warning("%s: batch skipped, %s", runner.consumer.name, exc)
-            return
+            return {}
         except Exception:
             log.exception("%s: batch of %d failed; retrying in %.0f s", runner.consumer.name,
                           len(records), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
+
+
+async def _seek_back(app: faust.App, consumer: str, holes: dict[tuple[str, int], int]) -> None:
+    """Move the fetch position of each partition of ``holes`` back to its offset, so the
+    records Faust did not deliver come again (streams/stage.py step 1). A partition this
+    worker no longer holds is left to its new owner, whose step 1 finds the same hole."""
+    for (topic, partition), offset in holes.items():
+        try:
+            await app.consumer.seek(TP(topic, partition), offset)
+        except IllegalStateError:
+            log.info("%s: %s[%d] was reassigned before the seek back to %d", consumer, topic,
+                     partition, offset)
 
 
 def _add_metrics_timer(app: faust.App, ctx: Context, settings: Settings, hb: Heartbeat) -> None:

@@ -5,7 +5,14 @@ One batch is a list of records from one consumer's source topic. ``BatchRunner.r
 
 1. Read the consumer's checkpoint for each topic-partition in the batch and drop records at
    or below it: they were applied before a crash or rebalance (a batch with nothing left
-   ends here).
+   ends here). A partition whose first remaining record is not the one right after its
+   checkpoint came with a **hole**: records the client never handed over (Faust drops a
+   fetched record whose delivery a rebalance interrupted, and, for a partition it keeps,
+   may go on after it: measured, docs/performance.md), or that a previous owner's Kafka
+   commit passed. Its records are left out of the batch and ``Tx.holes`` names the offset to
+   seek back to, so the missing records come again and the checkpoint never passes a record
+   that was not applied. A hole found again at the same offsets after :data:`HOLE_SEEKS`
+   seeks is a range the log no longer holds (retention): logged as an error, then accepted.
 2. Decode every remaining record. A record that is not a valid envelope becomes a ``DeadLettered``
    event (reason, original bytes, topic/partition/offset) and is otherwise skipped; an
    oversized record on the tasks topic also completes the task its key names as
@@ -85,6 +92,8 @@ STALE_CHECK_S = 10.0
 6): far above a normal batch (milliseconds to a few seconds of provider calls), far below
 the seen retention (``Settings.seen_retention_s``) that the check lets stay short."""
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+HOLE_SEEKS = 3
+"""Seeks back over the same hole (step 1) before it counts as a range the log lost."""
 
 
 class StaleBatchError(RuntimeError):
@@ -131,6 +140,8 @@ class Tx:
     writes: list[Write] = field(default_factory=list)
     emitted: list[tuple[str, bytes | None, Envelope]] = field(default_factory=list)
     failed: dict[str, BaseException] = field(default_factory=dict)
+    holes: dict[tuple[str, int], int] = field(default_factory=dict)
+    """(topic, partition) -> offset the consumer must seek back to (step 1)."""
 
     @property
     def redis(self) -> Redis:
@@ -236,6 +247,8 @@ class BatchRunner:
         self.consumer = consumer
         self.ctx = ctx
         self._paused = False
+        # (topic, partition) -> (first missing offset, first delivered offset, seeks so far)
+        self._holes: dict[tuple[str, int], tuple[int, int, int]] = {}
 
     async def run(self, records: Sequence[Record]) -> Tx:
         """Apply one batch (steps 1-8). Returns the applied transaction (for tests and stats).
@@ -252,6 +265,9 @@ class BatchRunner:
         tx = Tx(self.ctx)
         marks, epochs = await self._redis(lambda: self._checkpoints(records))
         records = [r for r in records if r.offset > marks[(r.topic, r.partition)]]
+        tx.holes = self._find_holes(records, marks)
+        if tx.holes:
+            records = [r for r in records if (r.topic, r.partition) not in tx.holes]
         if not records:
             return tx  # the whole batch was applied before (redelivery after a crash)
         events, sources = self._decode(records, tx)
@@ -296,6 +312,38 @@ class BatchRunner:
         *values, oldest, current = await self.ctx.redis.mget([*keys, k.seen_oldest, k.seen_current])
         return ({tp: -1 if v is None else int(v) for tp, v in zip(tps, values)},
                 range(int(oldest or 0), int(current or 0) + 1))
+
+    def _find_holes(self, records: Sequence[Record],
+                    marks: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        """Step 1's holes: (topic, partition) -> the offset after its checkpoint, for each
+        partition of ``records`` (those above the checkpoint) that does not start there.
+        Live only: replay reads each partition itself, from its start."""
+        if self.ctx.mode != "live":
+            return {}
+        first: dict[tuple[str, int], int] = {}
+        for r in records:
+            tp = (r.topic, r.partition)
+            first[tp] = min(first.get(tp, r.offset), r.offset)
+        holes = {}
+        for tp, offset in first.items():
+            missing = marks[tp] + 1
+            if marks[tp] < 0 or offset == missing:
+                self._holes.pop(tp, None)
+                continue
+            was = self._holes.get(tp)
+            seeks = was[2] + 1 if was is not None and was[:2] == (missing, offset) else 1
+            if seeks > HOLE_SEEKS:
+                log.error("%s: %s[%d] offsets %d..%d never came after %d seeks back: the log "
+                          "no longer holds them (retention?); going on from %d",
+                          self.consumer.name, tp[0], tp[1], missing, offset - 1, HOLE_SEEKS, offset)
+                self._holes.pop(tp)
+                continue
+            if was is None or was[0] != missing:
+                log.warning("%s: %s[%d] delivered offset %d after checkpoint %d; seeking back to %d",
+                            self.consumer.name, tp[0], tp[1], offset, marks[tp], missing)
+            self._holes[tp] = (missing, offset, seeks)
+            holes[tp] = missing
+        return holes
 
     async def _still_current(self, records: Sequence[Record],
                              marks: dict[tuple[str, int], int]) -> None:

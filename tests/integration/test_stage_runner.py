@@ -115,3 +115,44 @@ async def test_a_checkpoint_moved_by_another_consumer_aborts_the_commit(ctx):
         await BatchRunner(consumer, ctx).run(records(ctx.topics.name("tasks"), [submitted(1)]))
     assert await ctx.redis.hgetall(ctx.keys.counters) == {}
     assert await ctx.redis.hgetall(ctx.keys.task("t1")) == {}
+
+
+async def test_a_hole_after_the_checkpoint_is_not_applied_but_sought_back(ctx):
+    """Offsets 5 and 6 never came (Faust dropped them across a rebalance): the records after
+    them are left out, nothing moves the checkpoint past them, and the batch names offset 5
+    to seek back to; once they come, the partition is applied in order."""
+    consumer = Echo()
+    runner = BatchRunner(consumer, ctx)
+    topic = ctx.topics.name("tasks")
+    evs = [submitted(i) for i in range(10)]
+    await runner.run(records(topic, evs[:5]))
+    other = [Record(topic, 1, 0, b"t9", encode(evs[9]))]  # another partition, no hole
+    tx = await runner.run(records(topic, evs[7:9], first_offset=7) + other)
+    assert tx.holes == {(topic, 0): 5}
+    assert await ctx.redis.get(ctx.keys.checkpoint("echo", topic, 0)) == "4"
+    assert await ctx.redis.get(ctx.keys.checkpoint("echo", topic, 1)) == "0"
+    tx = await runner.run(records(topic, evs[5:9], first_offset=5))
+    assert tx.holes == {}
+    assert consumer.processed == 10
+    assert await ctx.redis.get(ctx.keys.checkpoint("echo", topic, 0)) == "8"
+
+
+async def test_a_hole_that_seeking_back_does_not_fill_is_accepted_with_an_error(ctx, caplog):
+    """The same hole after HOLE_SEEKS seeks back is a range the log lost (retention): the
+    partition goes on from what the log holds, with one error line."""
+    from streams.stage import HOLE_SEEKS
+
+    consumer = Echo()
+    runner = BatchRunner(consumer, ctx)
+    topic = ctx.topics.name("tasks")
+    evs = [submitted(i) for i in range(6)]
+    await runner.run(records(topic, evs[:2]))
+    late = records(topic, evs[4:], first_offset=4)
+    for _ in range(HOLE_SEEKS):
+        assert (await runner.run(late)).holes == {(topic, 0): 2}
+    assert consumer.processed == 2
+    tx = await runner.run(late)
+    assert tx.holes == {}
+    assert consumer.processed == 4
+    assert any("offsets 2..3 never came" in r.getMessage() and r.levelname == "ERROR"
+               for r in caplog.records)
