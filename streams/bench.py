@@ -62,6 +62,7 @@ from streams.client import EventProducer, high_watermarks, read_events
 from streams.config import Settings
 from streams.demo import (
     DemoError,
+    cancelled_by_sigterm,
     check_exited,
     completions,
     guarded,
@@ -518,8 +519,11 @@ def run_bench(*, tasks: int, workers: int, as_json: bool, budgets: Path | None =
     burst (:class:`Profiler`)."""
     log = Path(tempfile.gettempdir()) / "rmo-bench-worker.log"
     try:
-        result = asyncio.run(_bench(tasks, workers, log, budgets, load_s, soak_s, profile,
-                                    soak_rate))
+        result = asyncio.run(cancelled_by_sigterm(_bench(tasks, workers, log, budgets, load_s,
+                                                         soak_s, profile, soak_rate)))
+    except asyncio.CancelledError:
+        print("error: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except DemoError as exc:
         print(f"error: {exc}", *exc.detail, sep="\n", file=sys.stderr)
         return exc.exit_code

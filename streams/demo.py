@@ -423,7 +423,9 @@ def run_demo(*, limit: int | None, providers: Path | None, seed: int, as_json: b
     return run_job(_run(settings, registry, limit, as_json, timeout_s), timeout_s)[1]
 
 
-async def _cancelled_by_sigterm(main: Coroutine[Any, Any, Any]) -> Any:
+async def cancelled_by_sigterm(main: Coroutine[Any, Any, Any]) -> Any:
+    """Await ``main`` with SIGTERM cancelling it, so its cleanup (``finally``) runs: the
+    workers and brokers it started are stopped, not orphaned."""
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
@@ -436,7 +438,7 @@ def run_job(main: Coroutine[Any, Any, Any], timeout_s: float) -> tuple[bool, Any
     or a timeout of ``timeout_s`` as the one-line error. SIGTERM cancels ``main``, so the
     workers it started are stopped by its own cleanup (``(False, 143)``), not orphaned."""
     try:
-        return True, asyncio.run(_cancelled_by_sigterm(main))
+        return True, asyncio.run(cancelled_by_sigterm(main))
     except asyncio.CancelledError:
         print("error: stopped by SIGTERM", file=sys.stderr)
         return False, 128 + signal.SIGTERM

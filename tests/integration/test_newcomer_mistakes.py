@@ -5,6 +5,7 @@ broker and Redis (issue: fail loudly, never hang, never answer wrong)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import selectors
 import signal
@@ -350,3 +351,35 @@ def test_bench_exits_when_a_worker_it_waits_for_is_killed(settings: Settings, tm
         raise
     err = kill_worker_and_wait(proc, workers[0], within_s=15)
     assert f"the worker (pid {workers[0]}) was killed by signal 9" in err
+
+
+def _workers(pid: int) -> set[int]:
+    """The live `rmo worker` child processes of ``pid`` (Linux /proc)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, task.read_text().split()):
+            with contextlib.suppress(FileNotFoundError):
+                if b"worker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.add(child)
+    return found
+
+
+def test_sigterm_stops_the_bench_and_the_workers_it_started(settings: Settings, topics,
+                                                            tmp_path: Path) -> None:
+    proc = background(settings, tmp_path, "bench", "--soak", "60", "--soak-rate", "5")
+    try:
+        deadline = time.monotonic() + 90
+        while len(workers := _workers(proc.pid)) < 2:  # the soak's two workers
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "error: stopped by SIGTERM" in err and "Traceback" not in err
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
