@@ -5,14 +5,15 @@ One batch is a list of records from one consumer's source topic. ``BatchRunner.r
 
 1. Read the consumer's checkpoint for each topic-partition in the batch and drop records at
    or below it: they were applied before a crash or rebalance (a batch with nothing left
-   ends here). A partition whose first remaining record is not the one right after its
-   checkpoint came with a **hole**: records the client never handed over (Faust drops a
-   fetched record whose delivery a rebalance interrupted, and, for a partition it keeps,
-   may go on after it: measured, docs/performance.md), or that a previous owner's Kafka
-   commit passed. Its records are left out of the batch and ``Tx.holes`` names the offset to
-   seek back to, so the missing records come again and the checkpoint never passes a record
-   that was not applied. A hole found again at the same offsets after :data:`HOLE_SEEKS`
-   seeks is a range the log no longer holds (retention): logged as an error, then accepted.
+   ends here). A partition whose remaining records do not run on without a gap from the
+   one right after its checkpoint came with a **hole**: records the client never handed
+   over (Faust drops a fetched record whose delivery a rebalance interrupted and, for a
+   partition it keeps, may go on after it: measured, docs/performance.md), or that a
+   previous owner's Kafka commit passed. Its records from the gap on are left out of the
+   batch and ``Tx.holes`` names the offset to seek back to, so the missing records come
+   again and the checkpoint never passes a record that was not applied. A hole found again
+   at the same offsets after :data:`HOLE_SEEKS` seeks is a range the log no longer holds
+   (retention): logged as an error, then accepted.
 2. Decode every remaining record. A record that is not a valid envelope becomes a ``DeadLettered``
    event (reason, original bytes, topic/partition/offset) and is otherwise skipped; an
    oversized record on the tasks topic also completes the task its key names as
@@ -267,7 +268,7 @@ class BatchRunner:
         records = [r for r in records if r.offset > marks[(r.topic, r.partition)]]
         tx.holes = self._find_holes(records, marks)
         if tx.holes:
-            records = [r for r in records if (r.topic, r.partition) not in tx.holes]
+            records = [r for r in records if r.offset < tx.holes.get((r.topic, r.partition), r.offset + 1)]
         if not records:
             return tx  # the whole batch was applied before (redelivery after a crash)
         events, sources = self._decode(records, tx)
@@ -315,33 +316,40 @@ class BatchRunner:
 
     def _find_holes(self, records: Sequence[Record],
                     marks: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
-        """Step 1's holes: (topic, partition) -> the offset after its checkpoint, for each
-        partition of ``records`` (those above the checkpoint) that does not start there.
-        Live only: replay reads each partition itself, from its start."""
+        """Step 1's holes: (topic, partition) -> its first missing offset, for each partition
+        whose ``records`` (those above the checkpoint) do not run on without a gap from the
+        offset after its checkpoint (from its first record when it has none). Live only:
+        replay reads each partition itself, from its start."""
         if self.ctx.mode != "live":
             return {}
-        first: dict[tuple[str, int], int] = {}
+        offsets: dict[tuple[str, int], list[int]] = {}
         for r in records:
-            tp = (r.topic, r.partition)
-            first[tp] = min(first.get(tp, r.offset), r.offset)
+            offsets.setdefault((r.topic, r.partition), []).append(r.offset)
         holes = {}
-        for tp, offset in first.items():
-            missing = marks[tp] + 1
-            if marks[tp] < 0 or offset == missing:
+        for tp, got in offsets.items():
+            got.sort()
+            missing = marks[tp] + 1 if marks[tp] >= 0 else got[0]
+            for offset in got:
+                if offset > missing:
+                    break
+                missing = max(missing, offset + 1)
+            else:
                 self._holes.pop(tp, None)
                 continue
+            after = next(o for o in got if o > missing)
             was = self._holes.get(tp)
-            seeks = was[2] + 1 if was is not None and was[:2] == (missing, offset) else 1
+            seeks = was[2] + 1 if was is not None and was[:2] == (missing, after) else 1
             if seeks > HOLE_SEEKS:
                 log.error("%s: %s[%d] offsets %d..%d never came after %d seeks back: the log "
                           "no longer holds them (retention?); going on from %d",
-                          self.consumer.name, tp[0], tp[1], missing, offset - 1, HOLE_SEEKS, offset)
+                          self.consumer.name, tp[0], tp[1], missing, after - 1, HOLE_SEEKS, after)
                 self._holes.pop(tp)
                 continue
             if was is None or was[0] != missing:
-                log.warning("%s: %s[%d] delivered offset %d after checkpoint %d; seeking back to %d",
-                            self.consumer.name, tp[0], tp[1], offset, marks[tp], missing)
-            self._holes[tp] = (missing, offset, seeks)
+                log.warning("%s: %s[%d] delivered offset %d without %d (checkpoint %d); "
+                            "seeking back to %d", self.consumer.name, tp[0], tp[1], after,
+                            missing, marks[tp], missing)
+            self._holes[tp] = (missing, after, seeks)
             holes[tp] = missing
         return holes
 

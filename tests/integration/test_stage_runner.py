@@ -137,6 +137,22 @@ async def test_a_hole_after_the_checkpoint_is_not_applied_but_sought_back(ctx):
     assert await ctx.redis.get(ctx.keys.checkpoint("echo", topic, 0)) == "8"
 
 
+async def test_a_hole_inside_a_batch_stops_the_partition_before_it(ctx):
+    """Offset 2 is missing between delivered ones: 0 and 1 are applied, 3 and 4 wait for the
+    seek back to 2 (the checkpoint would otherwise pass 2 for good)."""
+    consumer = Echo()
+    runner = BatchRunner(consumer, ctx)
+    topic = ctx.topics.name("tasks")
+    evs = [submitted(i) for i in range(5)]
+    batch = records(topic, evs)
+    tx = await runner.run(batch[:2] + batch[3:])
+    assert tx.holes == {(topic, 0): 2}
+    assert consumer.processed == 2
+    assert await ctx.redis.get(ctx.keys.checkpoint("echo", topic, 0)) == "1"
+    assert (await runner.run(batch)).holes == {}  # what the seek brings again, from 2
+    assert consumer.processed == 5
+
+
 async def test_a_hole_that_seeking_back_does_not_fill_is_accepted_with_an_error(ctx, caplog):
     """The same hole after HOLE_SEEKS seeks back is a range the log lost (retention): the
     partition goes on from what the log holds, with one error line."""
