@@ -262,6 +262,19 @@ def test_sigterm_stops_the_demo_and_the_worker_it_started(settings: Settings,
     try:
         head = read_until(proc, "started a worker (pid ", 60)
         pid = int(head.rsplit("started a worker (pid ", 1)[1].split(",")[0])
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    sigterm_and_wait(proc)
+    with pytest.raises(ProcessLookupError):  # stopped and reaped by the demo, not orphaned
+        os.kill(pid, 0)
+
+
+def sigterm_and_wait(proc: subprocess.Popen) -> None:
+    """SIGTERM ``proc`` (killed if it does not exit within 60 s); assert it exited 143 with
+    the one-line error and no traceback."""
+    try:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -270,8 +283,6 @@ def test_sigterm_stops_the_demo_and_the_worker_it_started(settings: Settings,
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "error: stopped by SIGTERM" in err and "Traceback" not in err
-    with pytest.raises(ProcessLookupError):  # stopped and reaped by the demo, not orphaned
-        os.kill(pid, 0)
 
 
 async def _heartbeats(settings: Settings) -> list[Heartbeat]:
@@ -372,14 +383,11 @@ def test_sigterm_stops_the_bench_and_the_workers_it_started(settings: Settings, 
         while len(workers := _workers(proc.pid)) < 2:  # the soak's two workers
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
             time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "error: stopped by SIGTERM" in err and "Traceback" not in err
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    sigterm_and_wait(proc)
     for pid in workers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
