@@ -12,8 +12,9 @@ One batch is a list of records from one consumer's source topic. ``BatchRunner.r
    previous owner's Kafka commit passed. Its records from the gap on are left out of the
    batch and ``Tx.holes`` names the offset to seek back to, so the missing records come
    again and the checkpoint never passes a record that was not applied. A hole found again
-   at the same offsets after :data:`HOLE_SEEKS` seeks is a range the log no longer holds
-   (retention): logged as an error, then accepted.
+   at the same offsets after :data:`HOLE_SEEKS` seeks is a range holding no records (deleted
+   by retention; a transactional producer's commit markers also take offsets): logged as an
+   error, then accepted.
 2. Decode every remaining record. A record that is not a valid envelope becomes a ``DeadLettered``
    event (reason, original bytes, topic/partition/offset) and is otherwise skipped; an
    oversized record on the tasks topic also completes the task its key names as
@@ -341,7 +342,8 @@ class BatchRunner:
             seeks = was[2] + 1 if was is not None and was[:2] == (missing, after) else 1
             if seeks > HOLE_SEEKS:
                 log.error("%s: %s[%d] offsets %d..%d never came after %d seeks back: the log "
-                          "no longer holds them (retention?); going on from %d",
+                          "holds no records there (retention, or a transaction's markers); "
+                          "going on from %d",
                           self.consumer.name, tp[0], tp[1], missing, after - 1, HOLE_SEEKS, after)
                 self._holes.pop(tp)
                 continue
