@@ -96,6 +96,9 @@ SOAK_ENV = {"RMO_SEEN_ROTATE_S": "10", "RMO_SEEN_RETENTION_S": "60", "RMO_TASK_R
 status; the learning subsystem's join buffers: agents/pairing.py), so that it fills within
 minutes and the soak measures what happens once it has: Redis holds about rate x window of
 each (module docstring)."""
+STALL_S = 120.0
+"""A measurement ends with an error once no task completed for this long (s): far above a
+burst's first completion (seconds) and a soak's latency (p99 under 10 s)."""
 IDLE_RATE, IDLE_S = 10.0, 15.0
 """The idle latency figure: an open-loop load of this many tasks/s for this many seconds, far
 below capacity, so its latencies are the pipeline's own (five hops), not queueing."""
@@ -214,25 +217,37 @@ def _providers(directory: Path, pid: str, accuracy: float, latency_ms: int) -> P
 
 async def _completed(settings: Settings, tasks: list[TaskSubmitted], start: dict[int, int],
                      procs: list[subprocess.Popen], log: Path,
-                     arrivals: Coroutine[Any, Any, None] | None = None) -> list[float]:
+                     arrivals: Coroutine[Any, Any, None] | None = None,
+                     stall_s: float = STALL_S) -> list[float]:
     """The latency (ms, submit to completion) of each of ``tasks``, from their completions on
     the tasks topic at or after ``start`` (partition -> offset); ``arrivals``, the coroutine
     producing them, runs alongside.
 
     Raises:
         streams.demo.DemoError: a worker of ``procs`` exited meanwhile (the end of ``log`` is
-            in the error), instead of waiting for tasks nobody will complete.
+            in the error), or no task completed for ``stall_s`` seconds (naming open ones),
+            instead of waiting for tasks nobody will complete.
     """
     registry = load_topics(settings.namespace)
     latencies: list[float] = []
+    done: set[str] = set()
+    progress = {"n": 0, "at": time.monotonic()}
 
     async def follow() -> None:
         async for p in completions(settings, registry, {t.task_id for t in tasks}, start):
             latencies.append(p["latency_ms"])
+            done.add(p["task_id"])
 
     async def check() -> None:
         for proc in procs:
             check_exited(proc, log)
+        if len(latencies) != progress["n"]:
+            progress.update(n=len(latencies), at=time.monotonic())
+        elif time.monotonic() - progress["at"] > stall_s:
+            missing = [t.task_id for t in tasks if t.task_id not in done]
+            raise DemoError(f"no task completed for {stall_s:.0f} s, {len(missing)} of "
+                            f"{len(tasks)} still open (e.g. {', '.join(missing[:3])}); "
+                            f"the workers' log is {log}")
 
     async def both() -> None:
         await asyncio.gather(follow(), *([arrivals] if arrivals else []))
