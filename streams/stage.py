@@ -7,9 +7,9 @@ One batch is a list of records from one consumer's source topic. ``BatchRunner.r
    or below it: they were applied before a crash or rebalance (a batch with nothing left
    ends here). A partition whose remaining records do not run on without a gap from the
    one right after its checkpoint came with a **hole**: records the client never handed
-   over (Faust drops a fetched record whose delivery a rebalance interrupted and, for a
-   partition it keeps, may go on after it: measured, docs/performance.md), or that a
-   previous owner's Kafka commit passed. Its records from the gap on are left out of the
+   over (seen across a rebalance: a worker handed offset 3,146 right after 3,144, and Faust
+   cancels a delivery a rebalance interrupts yet records its offset as read;
+   docs/performance.md), or that a previous owner's Kafka commit passed. Its records from the gap on are left out of the
    batch and ``Tx.holes`` names the offset to seek back to, so the missing records come
    again and the checkpoint never passes a record that was not applied. A hole found again
    at the same offsets after :data:`HOLE_SEEKS` seeks is a range holding no records (deleted
@@ -271,7 +271,7 @@ class BatchRunner:
         if tx.holes:
             records = [r for r in records if r.offset < tx.holes.get((r.topic, r.partition), r.offset + 1)]
         if not records:
-            return tx  # the whole batch was applied before (redelivery after a crash)
+            return tx  # applied before (redelivery after a crash), or all after a hole
         events, sources = self._decode(records, tx)
         events = await self._redis(lambda: self._unseen(events, epochs))
         handled = [e for e in events if e.event_type in self.consumer.handles]
