@@ -9,14 +9,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Self
+from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import RecordMetadata
 
 from models.codec import CodecError, decode, encode
 from models.events import Envelope
 from streams.stage import PRODUCER_MAX_REQUEST_BYTES, Record
 
+_PARTITIONER = DefaultPartitioner()
+"""What ``AIOKafkaProducer.send`` partitions a keyed record by (murmur2 of the key)."""
 MAX_OFFSET = 2**63 - 1
 """The largest Kafka offset (an int64 on the wire)."""
 
@@ -25,6 +30,7 @@ class EventProducer:
 
     def __init__(self, bootstrap: str, **kwargs) -> None:
         kwargs.setdefault("max_request_size", PRODUCER_MAX_REQUEST_BYTES)
+        self._max_request_size: int = kwargs["max_request_size"]
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5,
                                           max_batch_size=1 << 20, **kwargs)
 
@@ -44,11 +50,50 @@ class EventProducer:
         return await self._producer.send(topic, value=value, key=key)
 
     async def send_events(self, topic: str, events: Iterable[Envelope],
-                          key: str | None = None) -> list:
+                          key: str | None = None) -> list[RecordMetadata]:
         """Produce envelopes keyed by ``key`` or each one's correlation id; wait for every ack.
-        Returns the RecordMetadata list (partition, offset) in input order."""
-        futs = [await self.send(topic, (key or e.correlation_id).encode(), encode(e)) for e in events]
-        return list(await asyncio.gather(*futs))
+        Returns the RecordMetadata list (partition, offset) in input order.
+
+        Each partition's records go into batches of aiokafka's direct batch API
+        (``create_batch`` / ``send_batch``) instead of one ``send`` each: the same records,
+        partitions and order, for about a third less CPU per record (docs/performance.md,
+        "Ingest"). The partition of a key is the default partitioner's (murmur2, as the Java
+        client's and ``send``'s), so a key's records land where every other producer puts
+        them. A record's offset is its batch's base offset plus its place in the batch.
+
+        Raises:
+            aiokafka.errors.MessageSizeTooLargeError: an encoded record is over the
+                producer's ``max_request_size`` (as ``send`` raises it); the records before
+                it in ``events`` may have been sent.
+        """
+        partitions = sorted(await self._producer.partitions_for(topic))
+        open_batches: dict[int, tuple[Any, list[int]]] = {}  # partition -> (builder, indexes)
+        sent: list[tuple[asyncio.Future, list[int]]] = []
+        count = 0
+        # encoded as they are appended: a full batch goes out while the next ones are encoded
+        for i, event in enumerate(events):
+            k, value = (key or event.correlation_id).encode(), encode(event)
+            if len(k) + len(value) > self._max_request_size:
+                raise MessageSizeTooLargeError(f"a record of {len(k) + len(value)} bytes is "
+                                               f"over max_request_size={self._max_request_size}")
+            p = _PARTITIONER(k, partitions, partitions)
+            builder, members = open_batches.get(p) or open_batches.setdefault(
+                p, (self._producer.create_batch(), []))
+            if builder.append(key=k, value=value, timestamp=None) is None:  # full: send it
+                sent.append((await self._producer.send_batch(builder, topic, partition=p), members))
+                builder, members = open_batches[p] = (self._producer.create_batch(), [])
+                builder.append(key=k, value=value, timestamp=None)  # an empty batch takes any
+            members.append(i)
+            count += 1
+        for p, (builder, members) in open_batches.items():
+            sent.append((await self._producer.send_batch(builder, topic, partition=p), members))
+        acks: list[RecordMetadata | None] = [None] * count
+        for base, (_, members) in zip(await asyncio.gather(*(f for f, _ in sent)), sent):
+            for j, i in enumerate(members):
+                acks[i] = RecordMetadata(base.topic, base.partition, base.topic_partition,
+                                         base.offset + j, base.timestamp, base.timestamp_type,
+                                         base.log_start_offset)
+        return acks  # type: ignore[return-value]  # every index is in one batch
 
 
 async def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None = None,
