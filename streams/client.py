@@ -59,7 +59,9 @@ class EventProducer:
         partitions and order, for about a third less CPU per record (docs/performance.md,
         "Ingest"). The partition of a key is the default partitioner's (murmur2, as the Java
         client's and ``send``'s), so a key's records land where every other producer puts
-        them. A record's offset is its batch's base offset plus its place in the batch.
+        them. A record's offset is its batch's base offset plus its place in the batch; its
+        ``timestamp`` is the batch's as the broker acked it (-1 under CreateTime, where
+        ``send``'s ack carried the record's own).
 
         Raises:
             aiokafka.errors.MessageSizeTooLargeError: an encoded record is over the
@@ -69,7 +71,6 @@ class EventProducer:
         partitions = sorted(await self._producer.partitions_for(topic))
         open_batches: dict[int, tuple[Any, list[int]]] = {}  # partition -> (builder, indexes)
         sent: list[tuple[asyncio.Future, list[int]]] = []
-        count = 0
         # encoded as they are appended: a full batch goes out while the next ones are encoded
         for i, event in enumerate(events):
             k, value = (key or event.correlation_id).encode(), encode(event)
@@ -77,23 +78,21 @@ class EventProducer:
                 raise MessageSizeTooLargeError(f"a record of {len(k) + len(value)} bytes is "
                                                f"over max_request_size={self._max_request_size}")
             p = _PARTITIONER(k, partitions, partitions)
-            builder, members = open_batches.get(p) or open_batches.setdefault(
-                p, (self._producer.create_batch(), []))
+            if p not in open_batches:
+                open_batches[p] = (self._producer.create_batch(), [])
+            builder, members = open_batches[p]
             if builder.append(key=k, value=value, timestamp=None) is None:  # full: send it
                 sent.append((await self._producer.send_batch(builder, topic, partition=p), members))
                 builder, members = open_batches[p] = (self._producer.create_batch(), [])
                 builder.append(key=k, value=value, timestamp=None)  # an empty batch takes any
             members.append(i)
-            count += 1
         for p, (builder, members) in open_batches.items():
             sent.append((await self._producer.send_batch(builder, topic, partition=p), members))
-        acks: list[RecordMetadata | None] = [None] * count
+        acks: dict[int, RecordMetadata] = {}
         for base, (_, members) in zip(await asyncio.gather(*(f for f, _ in sent)), sent):
             for j, i in enumerate(members):
-                acks[i] = RecordMetadata(base.topic, base.partition, base.topic_partition,
-                                         base.offset + j, base.timestamp, base.timestamp_type,
-                                         base.log_start_offset)
-        return acks  # type: ignore[return-value]  # every index is in one batch
+                acks[i] = RecordMetadata(*base[:3], base.offset + j, *base[4:])
+        return [acks[i] for i in range(len(acks))]
 
 
 async def read_topic(bootstrap: str, topic: str, *, start: dict[int, int] | None = None,

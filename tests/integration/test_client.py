@@ -16,8 +16,8 @@ pytestmark = pytest.mark.integration
 
 def tasks(n: int, pad: int) -> list:
     """``n`` submitted-task events of about ``pad`` bytes each, ten tasks sharing each key."""
-    return [make_event(TaskSubmitted(task_id=f"t{i}", kind="code", prompt="x" * pad), producer="test",
-                       correlation_id=f"key-{i % (n // 10)}")
+    return [make_event(TaskSubmitted(task_id=f"t{i}", kind="code", prompt="x" * pad),
+                       producer="test", correlation_id=f"key-{i % (n // 10)}")
             for i in range(n)]
 
 
@@ -29,7 +29,7 @@ async def test_each_ack_names_where_its_record_landed_over_several_batches(setti
         acks = await producer.send_events(topic, events)
 
     assert len(acks) == len(events)
-    landed = {(r.partition, r.offset): r for r in [r async for r in read_topic(settings.require_kafka(), topic)]}
+    landed = {(r.partition, r.offset): r async for r in read_topic(settings.require_kafka(), topic)}
     assert len(landed) == len(events)
     partitions = sorted({md.partition for md in acks})
     assert partitions == [0, 1, 2, 3]
